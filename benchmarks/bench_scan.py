@@ -41,6 +41,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _loadavg() -> str:
+    try:
+        return " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or "unknown"
     try:
@@ -58,17 +65,33 @@ def machine_info() -> dict:
         pass
     import transformers
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem,
-            "torch threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "platform": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory": mem,
+        "load average at start (1/5/15 min)": _loadavg(),
+        "torch threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def run_cli_scan(n: int) -> dict:
     """One ``python -m critlayers scan`` in a fresh process; its timings and peak memory."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "critlayers", "scan", "--n", str(n), "--out", out,
-               "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "critlayers",
+            "scan",
+            "--n",
+            str(n),
+            "--out",
+            out,
+            "--no-progress",
+        ]
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         launch = time.time()
         t0 = time.perf_counter()
@@ -81,14 +104,19 @@ def run_cli_scan(n: int) -> dict:
     t = data["timings"]
     return {
         "wall": wall,
-        "load": t["load"], "prompts": t["prompts"], "forward": t["forward"], "cka": t["cka"],
-        "scores": t.get("scores", 0.0), "in_process_total": t["total"],
+        "load": t["load"],
+        "prompts": t["prompts"],
+        "forward": t["forward"],
+        "cka": t["cka"],
+        "scores": t.get("scores", 0.0),
+        "in_process_total": t["total"],
         "start_to_compute": t["forward_start_unix"] - launch,
         "startup_other": wall - t["total"],
         # ru_maxrss of children is the largest child so far; both runs are the same program.
         "peak_rss_mib": max(peak_kib, before) / 1024,
         "critical_layers": data["critical_layers"],
-        "n_layers": data["model"]["n_layers"], "prompts_count": data["prompts"]["count"],
+        "n_layers": data["model"]["n_layers"],
+        "prompts_count": data["prompts"]["count"],
     }
 
 
@@ -111,16 +139,15 @@ def hook_overhead(n_prompts: int, batch_size: int = 8, repeats: int = 2) -> dict
     pad = _pad_id(lm.tokenizer)
     batches = []
     for start in range(0, len(ids), batch_size):
-        rows = ids[start:start + batch_size]
+        rows = ids[start : start + batch_size]
         width = max(map(len, rows))
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, row in enumerate(rows):
-            input_ids[r, width - len(row):] = torch.tensor(row)
-            mask[r, width - len(row):] = 1
+            input_ids[r, width - len(row) :] = torch.tensor(row)
+            mask[r, width - len(row) :] = 1
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        batches.append({"input_ids": input_ids, "attention_mask": mask,
-                        "position_ids": positions})
+        batches.append({"input_ids": input_ids, "attention_mask": mask, "position_ids": positions})
 
     def plain(inputs):
         with torch.inference_mode():
@@ -157,10 +184,17 @@ def hook_overhead(n_prompts: int, batch_size: int = 8, repeats: int = 2) -> dict
     t_cka = time.perf_counter() - t0
     ref = reference.cka_matrix(feats)
     err = float((ours.double() - ref).abs().max())
-    return {"prompts": len(texts), "batches": n_batches, "repeats": repeats,
-            "plain_s": t_plain, "hooked_s": t_hooked, "ratio": t_hooked / t_plain,
-            "cka_max_abs_err_vs_reference": err, "cka_matrix_s": t_cka,
-            "cka_shape": tuple(ours.shape)}
+    return {
+        "prompts": len(texts),
+        "batches": n_batches,
+        "repeats": repeats,
+        "plain_s": t_plain,
+        "hooked_s": t_hooked,
+        "ratio": t_hooked / t_plain,
+        "cka_max_abs_err_vs_reference": err,
+        "cka_matrix_s": t_cka,
+        "cka_shape": tuple(ours.shape),
+    }
 
 
 def render(machine: dict, runs: list[dict], hooks: dict, n: int) -> str:
@@ -179,6 +213,10 @@ def render(machine: dict, runs: list[dict], hooks: dict, n: int) -> str:
         "",
         *[f"- {k}: {v}" for k, v in machine.items()],
         "",
+        "A load average above the number of cores means other work shared the CPU during the "
+        "run: wall times then overstate the scan's own cost, while the hook-overhead ratio, "
+        "measured batch by batch in alternation, is less affected.",
+        "",
         "## Correctness",
         "",
         f"- engine `cka_matrix` vs float64 reference on {hooks['prompts']} captured "
@@ -190,15 +228,17 @@ def render(machine: dict, runs: list[dict], hooks: dict, n: int) -> str:
         "| | run 1 | run 2 (reported) |",
         "|---|---|---|",
     ]
-    rows = [("wall time, process launch to exit", "wall", "{:.1f} s"),
-            ("  interpreter and imports (outside `scan`)", "startup_other", "{:.1f} s"),
-            ("  model loading", "load", "{:.1f} s"),
-            ("  prompt loading and formatting", "prompts", "{:.2f} s"),
-            ("  forward passes (with capture)", "forward", "{:.1f} s"),
-            ("  CKA matrix", "cka", "{:.3f} s"),
-            ("  block influence and angular distance", "scores", "{:.3f} s"),
-            ("launch to first forward pass", "start_to_compute", "{:.1f} s"),
-            ("peak resident memory", "peak_rss_mib", "{:.0f} MiB")]
+    rows = [
+        ("wall time, process launch to exit", "wall", "{:.1f} s"),
+        ("  interpreter and imports (outside `scan`)", "startup_other", "{:.1f} s"),
+        ("  model loading", "load", "{:.1f} s"),
+        ("  prompt loading and formatting", "prompts", "{:.2f} s"),
+        ("  forward passes (with capture)", "forward", "{:.1f} s"),
+        ("  CKA matrix", "cka", "{:.3f} s"),
+        ("  block influence and angular distance", "scores", "{:.3f} s"),
+        ("launch to first forward pass", "start_to_compute", "{:.1f} s"),
+        ("peak resident memory", "peak_rss_mib", "{:.0f} MiB"),
+    ]
     for label, key, fmt in rows:
         lines.append(f"| {label} | {fmt.format(runs[0][key])} | {fmt.format(second[key])} |")
     lines += [
@@ -230,16 +270,20 @@ def render(machine: dict, runs: list[dict], hooks: dict, n: int) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=300, help="prompts in the default scan")
-    parser.add_argument("--hook-prompts", type=int, default=96,
-                        help="prompts for the hook-overhead measurement")
+    parser.add_argument(
+        "--hook-prompts", type=int, default=96, help="prompts for the hook-overhead measurement"
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "SCAN_RESULTS.md"))
     args = parser.parse_args(argv)
     machine = machine_info()
     hooks = hook_overhead(args.hook_prompts)
     if hooks["cka_max_abs_err_vs_reference"] > 1e-6:
-        raise SystemExit(f"bench_scan: CKA differs from the reference by "
-                         f"{hooks['cka_max_abs_err_vs_reference']:.3e}; not timing")
+        raise SystemExit(
+            f"bench_scan: CKA differs from the reference by "
+            f"{hooks['cka_max_abs_err_vs_reference']:.3e}; not timing"
+        )
     runs = [run_cli_scan(args.n) for _ in range(2)]
+    machine["load average at end (1/5/15 min)"] = _loadavg()
     text = render(machine, runs, hooks, args.n)
     Path(args.out).write_text(text, encoding="utf-8")
     print(text)

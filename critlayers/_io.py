@@ -80,8 +80,9 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     return atomic_write_bytes(path, text.encode(encoding))
 
 
-def commit_files(out_dir: str | os.PathLike,
-                 producers: Mapping[str, Callable[[], bytes]]) -> dict[str, Path]:
+def commit_files(
+    out_dir: str | os.PathLike, producers: Mapping[str, Callable[[], bytes]]
+) -> dict[str, Path]:
     """Produce a set of files and move them into ``out_dir`` only once all of them exist.
 
     Each producer returns the complete bytes of one file. All producers run and all files are
@@ -110,8 +111,7 @@ def commit_files(out_dir: str | os.PathLike,
     out_dir = Path(out_dir)
     for name in producers:
         if Path(name).name != name or name in ("", ".", ".."):
-            raise ValueError(f"commit_files: producers keys must be plain file names, "
-                             f"got {name!r}")
+            raise ValueError(f"commit_files: producers keys must be plain file names, got {name!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
     staged: dict[str, Path] = {}
     try:

@@ -6,6 +6,8 @@ and the value received, and is raised before any work starts.
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,10 +16,13 @@ import torch
 Features = torch.Tensor | np.ndarray | Sequence
 
 
-def as_matrix(fn: str, arg: str, x, *, square: bool = False) -> torch.Tensor:
+def as_matrix(fn: str, arg: str, x, *, square: bool = False,
+              check_finite: bool = True) -> torch.Tensor:
     """Returns ``x`` as a floating-point 2-D tensor, checking rank, size and finiteness.
 
     Integer inputs are converted to float64; tensors keep their device, dtype and strides.
+    ``check_finite=False`` leaves the NaN/Inf check to the engine, whose first pass over each
+    layer detects them at no extra cost (see :func:`engine_errors`).
     """
     if isinstance(x, torch.Tensor):
         t = x.detach()
@@ -37,7 +42,7 @@ def as_matrix(fn: str, arg: str, x, *, square: bool = False) -> torch.Tensor:
         raise ValueError(f"{fn}: {arg} must be real, got dtype {t.dtype}")
     if not t.is_floating_point():
         t = t.to(torch.float64)
-    if not bool(torch.isfinite(t).all()):
+    if check_finite and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{fn}: {arg} contains NaN or Inf")
     return t
 
@@ -61,7 +66,7 @@ def as_feature_list(fn: str, arg: str, feats) -> list[torch.Tensor]:
         )
     if not items:
         raise ValueError(f"{fn}: {arg} is empty; it needs at least one layer")
-    out = [as_matrix(fn, f"{arg}[{i}]", x) for i, x in enumerate(items)]
+    out = [as_matrix(fn, f"{arg}[{i}]", x, check_finite=False) for i, x in enumerate(items)]
     n = out[0].shape[0]
     for i, x in enumerate(out):
         if x.shape[0] != n:
@@ -73,6 +78,26 @@ def as_feature_list(fn: str, arg: str, feats) -> list[torch.Tensor]:
             raise ValueError(f"{fn}: {arg}[{i}] is on {x.device} but {arg}[0] is on "
                              f"{out[0].device}")
     return out
+
+
+@contextlib.contextmanager
+def engine_errors(fn: str, n_x: int, has_y: bool):
+    """Re-raises an engine ValueError under the public function's name, with the layer index
+    of the concatenated list the engine saw (x layers, then y layers) mapped back to the
+    caller's argument: ``feats[i]`` or ``feats_y[j]``."""
+    try:
+        yield
+    except ValueError as err:
+        message = str(err)
+
+        def rename(match):
+            index = int(match.group(1))
+            if has_y and index >= n_x:
+                return f"feats_y[{index - n_x}]"
+            return f"feats[{index}]"
+
+        message = re.sub(r"feats\[(\d+)\] \(layer \d+\)", rename, message)
+        raise ValueError(f"{fn}: {message}") from None
 
 
 def check_examples(fn: str, n: int, unbiased: bool) -> None:

@@ -98,11 +98,11 @@ class BlockCapture:
         offset = 1 if self.include_input else 0
         try:
             if self.include_input:
-                name, module = self.blocks[0]
+                module = self.blocks[0][1]
                 self._handles.append(
                     module.register_forward_pre_hook(self._make_pre_hook(0), with_kwargs=True)
                 )
-            for i, (name, module) in enumerate(self.blocks):
+            for i, (_name, module) in enumerate(self.blocks):
                 self._handles.append(module.register_forward_hook(self._make_hook(i + offset)))
         except BaseException:
             self._remove()
@@ -136,7 +136,9 @@ class BlockCapture:
         Raises:
             RuntimeError: If a block did not fire during the pass.
         """
-        missing = [name for name, state in zip(self.names, self._states) if state is None]
+        missing = [
+            name for name, state in zip(self.names, self._states, strict=True) if state is None
+        ]
         if missing:
             raise RuntimeError(
                 f"BlockCapture: block {missing[0]!r} did not fire during the forward pass"
@@ -226,7 +228,7 @@ def _tokenize(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     for indices, add in ((with_special, True), (without, False)):
         if indices:
             encoded = tokenizer([texts[i] for i in indices], add_special_tokens=add)["input_ids"]
-            for i, row in zip(indices, encoded):
+            for i, row in zip(indices, encoded, strict=True):
                 ids[i] = list(row)
     return ids
 

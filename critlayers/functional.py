@@ -32,16 +32,18 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import _ext
+from . import _ext, _fake
 from ._validation import (
     as_feature_list,
     as_matrix,
     check_choice,
     check_examples,
     check_positive,
+    engine_errors,
 )
 
 _ext.load()
+_fake.register()
 _ops = torch.ops.critlayers
 
 __all__ = [
@@ -113,10 +115,17 @@ def median_sq_distance(x: torch.Tensor) -> float:
 
 
 def _gammas(fn: str, feats: Sequence[torch.Tensor], threshold: float,
-            sigma: float | None) -> list[float]:
-    """1 / (2 sigma^2) per layer: sigma given, or sigma^2 = threshold^2 * median sq. distance."""
+            sigma: float | None, n_x: int | None = None) -> list[float]:
+    """1 / (2 sigma^2) per layer: sigma given, or sigma^2 = threshold^2 * median sq. distance.
+
+    The median needs finite input, so the layers are checked here, named as the caller's
+    arguments (``feats[i]``, then ``feats_y[j]`` from index ``n_x`` on).
+    """
     out = []
     for i, x in enumerate(feats):
+        if not bool(torch.isfinite(x).all()):
+            name = f"feats[{i}]" if n_x is None or i < n_x else f"feats_y[{i - n_x}]"
+            raise ValueError(f"{fn}: {name} contains NaN or Inf")
         if sigma is not None:
             sigma2 = float(sigma) ** 2
         else:
@@ -131,19 +140,19 @@ def _gammas(fn: str, feats: Sequence[torch.Tensor], threshold: float,
     return out
 
 
-def _run(fn: str, op, *args):
-    """Calls an engine op, prefixing its ValueError with the public function's name."""
-    try:
+def _run(fn: str, op, *args, n_x: int | None = None, has_y: bool = False):
+    """Calls an engine op; its ValueError names the public function and the caller's layer."""
+    with engine_errors(fn, n_x if n_x is not None else 1 << 30, has_y):
         return op(*args)
-    except ValueError as err:
-        raise ValueError(f"{fn}: {err}") from None
 
 
 def _gram_hsic_sums(fn: str, feats: list[torch.Tensor], kernel: str, unbiased: bool,
-                    threshold: float, sigma: float | None, tile: int | None) -> torch.Tensor:
+                    threshold: float, sigma: float | None, tile: int | None, n_x: int,
+                    has_y: bool) -> torch.Tensor:
     n = feats[0].shape[0]
-    gammas = _gammas(fn, feats, threshold, sigma) if kernel == "rbf" else []
-    return _run(fn, _ops.gram_hsic, feats, kernel, gammas, unbiased, tile or default_tile(n))
+    gammas = _gammas(fn, feats, threshold, sigma, n_x) if kernel == "rbf" else []
+    return _run(fn, _ops.gram_hsic, feats, kernel, gammas, unbiased, tile or default_tile(n),
+                n_x=n_x, has_y=has_y)
 
 
 def feature_pairs(n_x: int, n_y: int | None) -> list[tuple[int, int]]:
@@ -205,7 +214,8 @@ def _feature_hsic(fn: str, feats: list[torch.Tensor], n_x: int, n_y: int | None,
         qq = torch.zeros(len(feats), len(feats), **f64)
         qsum = torch.zeros(len(feats), **f64)
         _run(fn, _ops.feature_moments_accumulate, feats, shifts, [a for a, _ in group],
-             [b for _, b in group], cross, va, vb, colsum, qq, qsum, chunk)
+             [b for _, b in group], cross, va, vb, colsum, qq, qsum, chunk, n_x=n_x,
+             has_y=n_y is not None)
         for p, (a, b) in enumerate(group):
             values[(a, b)] = hsic_from_moments(
                 n, unbiased, cross[p], colsum[a], colsum[b], va[p], vb[p], float(qq[a, b]),
@@ -300,7 +310,8 @@ def _hsic_matrix(fn, feats, feats_y, kernel, unbiased, threshold, sigma, method,
     everything = xs + (ys or [])
     chosen = _choose_method(everything, n_x, n_y, kernel, method)
     if chosen == "gram":
-        sums = _gram_hsic_sums(fn, everything, kernel, unbiased, threshold, sigma, tile)
+        sums = _gram_hsic_sums(fn, everything, kernel, unbiased, threshold, sigma, tile, n_x,
+                               ys is not None)
         sums = (sums + sums.T) * (_normaliser(n, unbiased) / 2)
         diag = sums.diagonal()
         if ys is None:
@@ -380,8 +391,8 @@ def cka_matrix(feats, feats_y=None, *, kernel: str = "linear", unbiased: bool = 
     h = _hsic_matrix(fn, feats, feats_y, kernel, unbiased, threshold, sigma, method, tile)
     out = cka_from_hsic(h.xy, h.xx, h.yy, fn=fn)
     if feats_y is None:
-        valid = h.xx > 0
-        out.diagonal()[valid] = 1.0
+        out = (out + out.T) / 2
+        out.diagonal()[h.xx > 0] = 1.0
     return out
 
 

@@ -148,10 +148,11 @@ class MinibatchCKA:
         state = self._state(xs[0].device)
         if state.device != xs[0].device:
             everything = [x.to(state.device) for x in everything]
-        gammas = (_cka._gammas(fn, everything, self.threshold, self.sigma)
+        gammas = (_cka._gammas(fn, everything, self.threshold, self.sigma, self.n_layers)
                   if self.kernel == "rbf" else [])
         _cka._run(fn, _ops.gram_hsic_accumulate, state, everything, self.kernel, gammas,
-                  self.unbiased, _cka.default_tile(b), _cka._normaliser(b, self.unbiased))
+                  self.unbiased, _cka.default_tile(b), _cka._normaliser(b, self.unbiased),
+                  n_x=self.n_layers, has_y=self.n_layers_y is not None)
         self.n_batches += 1
         self.n_examples += b
 
@@ -186,6 +187,7 @@ class MinibatchCKA:
         h = self._blocks()
         out = _cka.cka_from_hsic(h.xy, h.xx, h.yy, fn="critlayers.MinibatchCKA.compute")
         if self.n_layers_y is None:
+            out = (out + out.T) / 2
             out.diagonal()[h.xx > 0] = 1.0
         return out
 
@@ -356,7 +358,8 @@ class StreamingLinearCKA:
         _cka._run(fn, _ops.feature_moments_accumulate, everything, st["shifts"],
                   [a for a, _ in self._pairs], [b for _, b in self._pairs], st["cross"],
                   st["va"], st["vb"], st["colsum"], st["qq"], st["qsum"],
-                  _cka.feature_chunk_rows(everything))
+                  _cka.feature_chunk_rows(everything), n_x=self.n_layers,
+                  has_y=self.n_layers_y is not None)
         self.n_examples += xs[0].shape[0]
 
     def hsic(self) -> _cka.HSIC:
@@ -390,6 +393,7 @@ class StreamingLinearCKA:
         h = self.hsic()
         out = _cka.cka_from_hsic(h.xy, h.xx, h.yy, fn="critlayers.StreamingLinearCKA.compute")
         if self.n_layers_y is None:
+            out = (out + out.T) / 2
             out.diagonal()[h.xx > 0] = 1.0
         return out
 

@@ -35,6 +35,8 @@ __all__ = [
     "default_model_dir",
     "find_blocks",
     "load_model",
+    "context_length",
+    "describe_model",
     "parse_dtype",
 ]
 
@@ -339,22 +341,26 @@ def load_model(
     trust_remote_code: bool = False,
     progress: bool = True,
     allow_pickle: bool = False,
+    block_pattern: str | None = None,
 ) -> LoadedModel:
     """Load a language model and its tokenizer for capture.
 
     Args:
         model: ``None`` for the embedded default (Gemma 3 270M, see :func:`default_model_dir`);
             a local Hugging Face directory (config, tokenizer, safetensors weights); a ``.gguf``
-            file; or a hub id such as ``"Qwen/Qwen2.5-0.5B-Instruct"`` when ``allow_download``.
+            file; or a hub id such as ``"Qwen/Qwen2.5-0.5B-Instruct"``, read from the local
+            Hugging Face cache when it is there and downloaded only when ``allow_download``.
         dtype: Parameter dtype, a ``torch.dtype`` or a name (``float32``, ``bf16``, ``fp16``).
         device: Device to move the model to; ignored when ``device_map`` is given.
         device_map: Passed to ``from_pretrained`` for accelerate dispatch (e.g. ``"auto"``).
         allow_download: Allow fetching a hub id from the Hugging Face Hub. Off by default: all
-            loading is offline (``local_files_only=True``).
+            loading is offline (``local_files_only=True``), as with ``HF_HUB_OFFLINE=1``.
         trust_remote_code: Allow model code shipped with the checkpoint to run.
         progress: Show progress bars while loading or converting.
         allow_pickle: Allow loading pickled ``.bin`` weights from a local directory when no
             safetensors are present. Unpickling an untrusted file can run arbitrary code.
+        block_pattern: Regular expression naming the blocks (see :func:`find_blocks`), for
+            models whose blocks are not found automatically; sets ``n_layers``.
 
     Returns:
         A :class:`LoadedModel` in eval mode with a left-padding tokenizer.
@@ -365,7 +371,7 @@ def load_model(
             is given without ``allow_download``, or only pickled weights are present.
     """
     torch_dtype = parse_dtype(dtype)
-    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code, "pattern": block_pattern}
     if model is None:
         path = default_model_dir(progress=progress)
         return _load_hf(
@@ -428,7 +434,8 @@ def load_model(
             f"load_model: model={text!r} does not exist; give a Hugging Face model directory, "
             "a .gguf file, a hub id with allow_download=True, or None for the default model"
         )
-    if not allow_download:
+    cached = _in_hub_cache(text)
+    if not allow_download and not cached:
         raise ValueError(
             f"load_model: model={text!r} is not a local path; to download it from the Hugging "
             "Face Hub pass allow_download=True (--allow-download on the command line)"
@@ -441,10 +448,22 @@ def load_model(
         device,
         device_map,
         progress,
-        local=False,
+        local=not allow_download,
         use_safetensors=None if allow_pickle else True,
         **common,
     )
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether a hub model's config is already in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
 
 
 def _load_hf(
@@ -458,6 +477,7 @@ def _load_hf(
     *,
     local: bool,
     trust_remote_code: bool,
+    pattern: str | None,
     use_safetensors: bool | None = None,
     gguf_file: str | None = None,
     extra_info: dict | None = None,
@@ -486,7 +506,7 @@ def _load_hf(
         net = net.to(device)
     net.eval()
     tokenizer = _prepare_tokenizer(tokenizer, source)
-    blocks = find_blocks(net)
+    blocks = find_blocks(net, pattern)
     logger.info("Loaded %s from %s in %.1f s", name, source, time.perf_counter() - start)
     return LoadedModel(
         model=net,

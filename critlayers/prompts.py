@@ -66,7 +66,9 @@ class PromptSet:
 
     def sha256(self) -> str:
         """Hex SHA-256 of the normalised rows, independent of name, source and key order."""
-        payload = json.dumps(self.prompts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        payload = json.dumps(
+            self.prompts, sort_keys=True, ensure_ascii=False, separators=(",", ":")
+        )
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
     def __len__(self) -> int:
@@ -294,9 +296,7 @@ def load_prompts(
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"load_prompts: n={n!r}; expected an int >= 1")
         if n > len(rows):
-            raise ValueError(
-                f"load_prompts: n={n} but {where} has only {len(rows)} usable prompts"
-            )
+            raise ValueError(f"load_prompts: n={n} but {where} has only {len(rows)} usable prompts")
         keep = sorted(random.Random(seed).sample(range(len(rows)), n))
         rows = [rows[i] for i in keep]
     return PromptSet(name=name, prompts=rows, source=origin)

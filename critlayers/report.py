@@ -60,16 +60,16 @@ def plot_cka(result: Mapping):
     ax = fig.add_subplot()
     finite = m[np.isfinite(m)]
     vmin = float(finite.min()) if finite.size else 0.0
-    image = ax.imshow(m, cmap="viridis", vmin=min(vmin, 1.0), vmax=1.0, origin="upper",
-                      interpolation="nearest")
+    image = ax.imshow(
+        m, cmap="viridis", vmin=min(vmin, 1.0), vmax=1.0, origin="upper", interpolation="nearest"
+    )
     ticks = list(range(0, n_layers, _tick_step(n_layers)))
     ax.set_xticks(ticks)
     ax.set_yticks(ticks)
     ax.set_xlabel("layer (block index)")
     ax.set_ylabel("layer (block index)")
     estimator = result.get("settings", {}).get("estimator", "")
-    ax.set_title(f"Linear CKA between block outputs ({estimator})\n{_title(result)}",
-                 fontsize=10)
+    ax.set_title(f"Linear CKA between block outputs ({estimator})\n{_title(result)}", fontsize=10)
     cbar = fig.colorbar(image, ax=ax, shrink=0.85)
     cbar.set_label("CKA")
     return fig
@@ -94,17 +94,37 @@ def plot_shift(result: Mapping):
     boot = result.get("bootstrap")
     if boot:
         low, high = _nan(boot["shift_low"]), _nan(boot["shift_high"])
-        ax.fill_between(layers, low, high, color="tab:blue", alpha=0.2, linewidth=0,
-                        label=f"{100 * boot['ci']:.0f}% bootstrap interval "
-                              f"({boot['n_boot']} resamples)")
+        ax.fill_between(
+            layers,
+            low,
+            high,
+            color="tab:blue",
+            alpha=0.2,
+            linewidth=0,
+            label=f"{100 * boot['ci']:.0f}% bootstrap interval ({boot['n_boot']} resamples)",
+        )
     ax.plot(layers, shift, "-o", color="tab:blue", markersize=4, label="shift score δ")
     if critical:
-        ax.plot(critical, shift[critical], "o", color="tab:red", markersize=9,
-                markerfacecolor="none", markeredgewidth=2,
-                label=f"critical layers (k = {len(critical)})")
+        ax.plot(
+            critical,
+            shift[critical],
+            "o",
+            color="tab:red",
+            markersize=9,
+            markerfacecolor="none",
+            markeredgewidth=2,
+            label=f"critical layers (k = {len(critical)})",
+        )
         for layer in critical:
-            ax.annotate(str(layer), (layer, shift[layer]), textcoords="offset points",
-                        xytext=(0, -15), ha="center", color="tab:red", fontsize=9)
+            ax.annotate(
+                str(layer),
+                (layer, shift[layer]),
+                textcoords="offset points",
+                xytext=(0, -15),
+                ha="center",
+                color="tab:red",
+                fontsize=9,
+            )
     ax.set_xticks(list(range(0, len(shift), _tick_step(len(shift)))))
     ax.set_xlim(-0.5, len(shift) - 0.5)
     finite = shift[np.isfinite(shift)]
@@ -115,8 +135,9 @@ def plot_shift(result: Mapping):
         ax.set_ylim(min(lo, float(finite.min())) - 4 * pad, max(hi, float(finite.max())) + pad)
     ax.set_xlabel("layer (block index)")
     ax.set_ylabel(f"δ (mean CKA, window {settings.get('window', '?')})")
-    ax.set_title(f"Shift score per layer (low = large representation change)\n"
-                 f"{_title(result)}", fontsize=10)
+    ax.set_title(
+        f"Shift score per layer (low = large representation change)\n{_title(result)}", fontsize=10
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return fig
@@ -137,19 +158,35 @@ def plot_compare(comparison: Mapping):
         side = comparison[key]
         shift = _nan(side["shift"])
         prompts = side.get("prompts", {})
-        ax.plot(np.arange(len(shift)), shift, "-o", color=color, markersize=4,
-                label=f"{prompts.get('name', key)} ({prompts.get('count', '?')} prompts)")
+        ax.plot(
+            np.arange(len(shift)),
+            shift,
+            "-o",
+            color=color,
+            markersize=4,
+            label=f"{prompts.get('name', key)} ({prompts.get('count', '?')} prompts)",
+        )
         crit = side.get("critical_layers", [])
-        ax.plot(crit, shift[crit], "o", color=color, markersize=9, markerfacecolor="none",
-                markeredgewidth=2)
+        ax.plot(
+            crit,
+            shift[crit],
+            "o",
+            color=color,
+            markersize=9,
+            markerfacecolor="none",
+            markeredgewidth=2,
+        )
     n_layers = len(comparison["a"]["shift"])
     ax.set_xticks(list(range(0, n_layers, _tick_step(n_layers))))
     ax.set_xlabel("layer (block index)")
     ax.set_ylabel("shift score δ")
     model = comparison["a"].get("model") or "model"
-    ax.set_title(f"{model}: shift score on two prompt sets (circles: critical layers)\n"
-                 f"Pearson {_fmt(comparison['pearson'], 3)}, "
-                 f"Spearman {_fmt(comparison['spearman'], 3)}", fontsize=10)
+    ax.set_title(
+        f"{model}: shift score on two prompt sets (circles: critical layers)\n"
+        f"Pearson {_fmt(comparison['pearson'], 3)}, "
+        f"Spearman {_fmt(comparison['spearman'], 3)}",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return fig
@@ -171,8 +208,9 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def _kv_table(rows: Mapping, css: str = "kv") -> str:
-    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>"
-                   for k, v in rows.items())
+    body = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in rows.items()
+    )
     return f'<table class="{css}">{body}</table>'
 
 
@@ -217,8 +255,7 @@ def render_html(result: Mapping, images: Mapping[str, bytes]) -> str:
     head += [v.get("label", k) for k, v in score_cols]
     rows = []
     for layer, delta in enumerate(shift):
-        cells = [str(layer), _fmt(delta), _fmt(ranks[layer]),
-                 "●" if layer in critical else ""]
+        cells = [str(layer), _fmt(delta), _fmt(ranks[layer]), "●" if layer in critical else ""]
         if boot:
             low, high = boot["shift_low"][layer], boot["shift_high"][layer]
             cells.append("–" if low is None else f"{low:.4f} – {high:.4f}")
@@ -226,30 +263,39 @@ def render_html(result: Mapping, images: Mapping[str, bytes]) -> str:
         cells += [_fmt(v["values"][layer]) for _, v in score_cols]
         cls = ' class="critical"' if layer in critical else ""
         rows.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    table = ('<table class="layers" id="layers"><thead><tr>'
-             + "".join(f"<th>{html.escape(h)}</th>" for h in head)
-             + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+    table = (
+        '<table class="layers" id="layers"><thead><tr>'
+        + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        + "</tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table>"
+    )
 
     figs = "".join(
         f'<figure><img alt="{html.escape(title)}" title="{html.escape(title)}" '
         f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}"></figure>'
-        for title, png in images.items())
+        for title, png in images.items()
+    )
 
     corr = ""
     if score_cols:
         corr_rows = {v.get("label", k): v.get("spearman_vs_shift") for k, v in score_cols}
-        corr = ("<h2>Other layer scores</h2><p class='note'>Spearman rank correlation with δ "
-                "over the scored layers. Both scores grow with the size of a block's change, "
-                "so agreement with δ shows as a negative correlation.</p>"
-                + _kv_table(corr_rows))
+        corr = (
+            "<h2>Other layer scores</h2><p class='note'>Spearman rank correlation with δ "
+            "over the scored layers. Both scores grow with the size of a block's change, "
+            "so agreement with δ shows as a negative correlation.</p>" + _kv_table(corr_rows)
+        )
     boot_html = ""
     if boot:
-        boot_html = (f"<p class='note'>Bootstrap: {boot['n_boot']} resamples of the prompts "
-                     f"(seed {boot['seed']}); the interval column gives the "
-                     f"{100 * (1 - boot['ci']) / 2:.1f}th to "
-                     f"{100 * (1 + boot['ci']) / 2:.1f}th percentiles of δ, and 'in top-"
-                     f"{boot['top_k']}' how often the layer was among the {boot['top_k']} "
-                     f"lowest.</p>")
+        boot_html = (
+            f"<p class='note'>Bootstrap: {boot['n_boot']} resamples of the prompts "
+            f"(seed {boot['seed']}) with replacement; the interval column gives the "
+            f"{100 * (1 - boot['ci']) / 2:.1f}th to "
+            f"{100 * (1 + boot['ci']) / 2:.1f}th percentiles of the resampled δ, "
+            f"moved by the bootstrap estimate of the bias (repeated prompts raise "
+            f"the biased CKA), and 'in top-{boot['top_k']}' how often the layer was "
+            f"among the {boot['top_k']} lowest.</p>"
+        )
     crit_text = ", ".join(str(c) for c in sorted(critical)) or "none"
     info = {
         "model": model.get("name"),
@@ -258,20 +304,23 @@ def render_html(result: Mapping, images: Mapping[str, bytes]) -> str:
         "prompts": f"{prompts.get('count')} from {prompts.get('name')}",
         "prompt sha256": prompts.get("sha256"),
     }
-    timings = {k: (f"{v:.2f} s" if isinstance(v, float) else v)
-               for k, v in (result.get("timings") or {}).items() if not k.endswith("_unix")}
+    timings = {
+        k: (f"{v:.2f} s" if isinstance(v, float) else v)
+        for k, v in (result.get("timings") or {}).items()
+        if not k.endswith("_unix")
+    }
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>critlayers scan - {html.escape(str(model.get('name', '')))}</title>
+<title>critlayers scan - {html.escape(str(model.get("name", "")))}</title>
 <style>{_CSS}</style></head>
 <body>
-<h1>Critical layers of {html.escape(str(model.get('name', 'the model')))}</h1>
+<h1>Critical layers of {html.escape(str(model.get("name", "the model")))}</h1>
 <p class="sub">Critical layers (lowest shift score δ, k = {len(critical)}):
 <strong id="critical">{crit_text}</strong></p>
 <p class="note">δ<sup>l</sup> is the mean linear CKA between block l and the blocks in a
-window of {_fmt(settings.get('window'))} centred on it (itself included), computed from the
-{html.escape(str(settings.get('token', 'last')))}-token states of every block
+window of {_fmt(settings.get("window"))} centred on it (itself included), computed from the
+{html.escape(str(settings.get("token", "last")))}-token states of every block
 (Liu et al., arXiv:2506.00382). Low δ marks a large change of representation.</p>
 <div class="figs">{figs}</div>
 <h2>Layers</h2>
@@ -285,8 +334,8 @@ window of {_fmt(settings.get('window'))} centred on it (itself included), comput
 <h2>Timings</h2>
 {_kv_table(timings)}
 <h2>Versions</h2>
-{_kv_table(result.get('versions') or {})}
-<p class="note">critlayers scan schema {html.escape(str(result.get('schema_version')))},
-written {html.escape(str(result.get('created', '')))}.</p>
+{_kv_table(result.get("versions") or {})}
+<p class="note">critlayers scan schema {html.escape(str(result.get("schema_version")))},
+written {html.escape(str(result.get("created", "")))}.</p>
 </body></html>
 """

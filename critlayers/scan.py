@@ -38,8 +38,16 @@ import torch
 from . import scores as _scores
 from ._io import atomic_write_text, commit_files
 
-__all__ = ["scan", "ScanResult", "SCHEMA_VERSION", "compare_results", "read_cka_csv",
-           "TOKENS", "ESTIMATORS", "MIN_ROWS"]
+__all__ = [
+    "scan",
+    "ScanResult",
+    "SCHEMA_VERSION",
+    "compare_results",
+    "read_cka_csv",
+    "TOKENS",
+    "ESTIMATORS",
+    "MIN_ROWS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,29 +58,12 @@ ESTIMATORS = ("biased", "unbiased")
 # HSIC divides by n (n - 3), so it needs four per minibatch.
 MIN_ROWS = {"biased": 2, "unbiased": 4}
 
-_OUTPUT_FILES = ("cka.csv", "cka.png", "shift.png", "report.html", "scan.json")
-
 
 def _engine():
     """The CKA engine: ``(cka_matrix, MinibatchCKA)`` from the top-level package."""
     import critlayers as cl
 
-    if hasattr(cl, "cka_matrix"):
-        return cl.cka_matrix, cl.MinibatchCKA
-    from . import reference
-
-    class _RefMinibatch:  # TEMPORARY until the engine lands
-        def __init__(self, n_layers, unbiased=True):
-            self.xy = torch.zeros(n_layers, n_layers, dtype=torch.float64)
-        def update(self, feats):
-            g = [reference.gram_linear(f) for f in feats]
-            for a in range(len(g)):
-                for b in range(len(g)):
-                    self.xy[a, b] += reference.hsic(g[a], g[b], unbiased=True)
-        def compute(self):
-            d = self.xy.diagonal().sqrt()
-            return self.xy / (d[:, None] * d[None, :])
-    return reference.cka_matrix, _RefMinibatch
+    return cl.cka_matrix, cl.MinibatchCKA
 
 
 def _nan_to_none(values) -> list:
@@ -159,22 +150,24 @@ class ScanResult:
         boot = self.bootstrap
         if isinstance(boot, _scores.BootstrapResult):
             boot = boot.to_dict()
-        return _json_safe({
-            "schema_version": self.schema_version,
-            "created": self.created,
-            "model": self.model,
-            "prompts": self.prompts,
-            "settings": self.settings,
-            "critical_layers": list(self.critical_layers),
-            "ranking": list(self.ranking),
-            "ranks": list(self.ranks),
-            "shift": _nan_to_none(self.shift),
-            "cka": [_nan_to_none(row) for row in self.cka],
-            "other_scores": self.other_scores,
-            "bootstrap": boot,
-            "timings": self.timings,
-            "versions": self.versions,
-        })
+        return _json_safe(
+            {
+                "schema_version": self.schema_version,
+                "created": self.created,
+                "model": self.model,
+                "prompts": self.prompts,
+                "settings": self.settings,
+                "critical_layers": list(self.critical_layers),
+                "ranking": list(self.ranking),
+                "ranks": list(self.ranks),
+                "shift": _nan_to_none(self.shift),
+                "cka": [_nan_to_none(row) for row in self.cka],
+                "other_scores": self.other_scores,
+                "bootstrap": boot,
+                "timings": self.timings,
+                "versions": self.versions,
+            }
+        )
 
     def to_json(self, path: str | os.PathLike | None = None, indent: int = 1) -> str:
         """Serialise to JSON; when ``path`` is given, also write it there atomically.
@@ -192,19 +185,29 @@ class ScanResult:
         """Rebuild a result from :meth:`to_dict` output (the bootstrap stays a dictionary)."""
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ValueError(f"ScanResult.from_dict: schema_version {version!r} is not "
-                             f"supported; this critlayers reads version {SCHEMA_VERSION}")
+            raise ValueError(
+                f"ScanResult.from_dict: schema_version {version!r} is not "
+                f"supported; this critlayers reads version {SCHEMA_VERSION}"
+            )
         nan = [[math.nan if v is None else v for v in row] for row in data["cka"]]
         return cls(
             cka=np.asarray(nan, dtype=np.float64),
-            shift=np.asarray([math.nan if v is None else v for v in data["shift"]],
-                             dtype=np.float64),
-            ranking=list(data["ranking"]), ranks=list(data["ranks"]),
-            critical_layers=list(data["critical_layers"]), model=data["model"],
-            prompts=data["prompts"], settings=data["settings"], timings=data["timings"],
-            versions=data["versions"], other_scores=data.get("other_scores") or {},
-            bootstrap=data.get("bootstrap"), created=data.get("created", ""),
-            schema_version=version)
+            shift=np.asarray(
+                [math.nan if v is None else v for v in data["shift"]], dtype=np.float64
+            ),
+            ranking=list(data["ranking"]),
+            ranks=list(data["ranks"]),
+            critical_layers=list(data["critical_layers"]),
+            model=data["model"],
+            prompts=data["prompts"],
+            settings=data["settings"],
+            timings=data["timings"],
+            versions=data["versions"],
+            other_scores=data.get("other_scores") or {},
+            bootstrap=data.get("bootstrap"),
+            created=data.get("created", ""),
+            schema_version=version,
+        )
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> ScanResult:
@@ -215,15 +218,20 @@ class ScanResult:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise FileNotFoundError(f"ScanResult.from_json: no scan result at {str(path)!r}; "
-                                    f"pass a scan.json file or the folder that holds one"
-                                    ) from None
+            raise FileNotFoundError(
+                f"ScanResult.from_json: no scan result at {str(path)!r}; "
+                f"pass a scan.json file or the folder that holds one"
+            ) from None
         except json.JSONDecodeError as exc:
-            raise ValueError(f"ScanResult.from_json: {str(path)!r} is not valid JSON "
-                             f"({exc.msg}, line {exc.lineno})") from None
+            raise ValueError(
+                f"ScanResult.from_json: {str(path)!r} is not valid JSON "
+                f"({exc.msg}, line {exc.lineno})"
+            ) from None
         if not isinstance(data, dict) or "cka" not in data or "shift" not in data:
-            raise ValueError(f"ScanResult.from_json: {str(path)!r} is not a critlayers scan "
-                             f"result (no 'cka' and 'shift' keys)")
+            raise ValueError(
+                f"ScanResult.from_json: {str(path)!r} is not a critlayers scan "
+                f"result (no 'cka' and 'shift' keys)"
+            )
         return cls.from_dict(data)
 
     def cka_csv(self) -> str:
@@ -236,8 +244,7 @@ class ScanResult:
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(["layer", *range(self.n_layers)])
         for layer, row in enumerate(self.cka):
-            writer.writerow([layer, *("" if not math.isfinite(v) else repr(float(v))
-                                      for v in row)])
+            writer.writerow([layer, *("" if not math.isfinite(v) else repr(float(v)) for v in row)])
         return buf.getvalue()
 
     def plot(self) -> dict:
@@ -258,8 +265,10 @@ class ScanResult:
         for layer in range(self.n_layers):
             delta = self.shift[layer]
             rank = self.ranks[layer]
-            line = (f"{layer:>5}  {'-' if not math.isfinite(delta) else f'{delta:.5f}':>8}  "
-                    f"{'-' if rank is None else rank:>4}  {'  *' if layer in critical else '':4}")
+            line = (
+                f"{layer:>5}  {'-' if not math.isfinite(delta) else f'{delta:.5f}':>8}  "
+                f"{'-' if rank is None else rank:>4}  {'  *' if layer in critical else '':4}"
+            )
             if boot:
                 low, high = boot["shift_low"][layer], boot["shift_high"][layer]
                 interval = "-" if low is None else f"{low:.5f} - {high:.5f}"
@@ -289,11 +298,14 @@ class ScanResult:
             def produce():
                 pngs[name] = figure_png(plot(data))
                 return pngs[name]
+
             return produce
 
         def report() -> bytes:
-            images = {"CKA between layers": pngs["cka.png"],
-                      "Shift score per layer": pngs["shift.png"]}
+            images = {
+                "CKA between layers": pngs["cka.png"],
+                "Shift score per layer": pngs["shift.png"],
+            }
             return render_html(data, images).encode("utf-8")
 
         producers = {
@@ -301,8 +313,9 @@ class ScanResult:
             "cka.png": png("cka.png", plot_cka),
             "shift.png": png("shift.png", plot_shift),
             "report.html": report,
-            "scan.json": lambda: (json.dumps(data, indent=1, allow_nan=False)
-                                  + "\n").encode("utf-8"),
+            "scan.json": lambda: (json.dumps(data, indent=1, allow_nan=False) + "\n").encode(
+                "utf-8"
+            ),
         }
         return commit_files(out_dir, producers)
 
@@ -313,8 +326,9 @@ def read_cka_csv(path: str | os.PathLike) -> np.ndarray:
         rows = list(csv.reader(fh))
     if not rows or rows[0][:1] != ["layer"]:
         raise ValueError(f"read_cka_csv: {str(path)!r} does not start with a 'layer' header")
-    return np.asarray([[math.nan if v == "" else float(v) for v in row[1:]]
-                       for row in rows[1:]], dtype=np.float64)
+    return np.asarray(
+        [[math.nan if v == "" else float(v) for v in row[1:]] for row in rows[1:]], dtype=np.float64
+    )
 
 
 def _check_int(fn: str, name: str, value, minimum: int) -> int:
@@ -323,8 +337,7 @@ def _check_int(fn: str, name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def _chunks(batches: Iterable[list[torch.Tensor]], min_rows: int
-            ) -> Iterator[list[torch.Tensor]]:
+def _chunks(batches: Iterable[list[torch.Tensor]], min_rows: int) -> Iterator[list[torch.Tensor]]:
     """Regroup batches so that every chunk has at least ``min_rows`` rows.
 
     A batch is held back until the next one arrives; a short batch is merged into its
@@ -351,10 +364,28 @@ def _minibatch_cka(feats: Sequence[torch.Tensor], batch_size: int) -> torch.Tens
     _, minibatch_cls = _engine()
     acc = minibatch_cls(len(feats), unbiased=True)
     n = int(feats[0].shape[0])
-    parts = ([f[i:i + batch_size] for f in feats] for i in range(0, n, batch_size))
+    parts = ([f[i : i + batch_size] for f in feats] for i in range(0, n, batch_size))
     for chunk in _chunks(parts, MIN_ROWS["unbiased"]):
         acc.update(chunk)
     return acc.compute()
+
+
+def _check_device(device) -> None:
+    """Refuse a device string torch does not know, or a GPU that this machine lacks."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"scan: device={device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"scan: device={device!r} but CUDA is not available here; use device='cpu'"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"scan: device={device!r} but only {torch.cuda.device_count()} CUDA devices are visible"
+        )
 
 
 class _Timer:
@@ -382,12 +413,29 @@ def _timed(iterable: Iterable, timer: _Timer) -> Iterator:
         yield item
 
 
-def scan(model=None, data=None, *, n: int | None = 300, token: str = "last", window: int = 5,
-         top_k: int = 5, estimator: str | None = None, batch_size: int = 8,
-         device: str = "cpu", dtype: str = "float32", device_map=None, seed: int = 0,
-         bootstrap: int = 0, ci: float = 0.95, angular_n: int = 1,
-         max_length: int | None = None, blocks=None, allow_download: bool = False,
-         trust_remote_code: bool = False, progress: bool = True) -> ScanResult:
+def scan(
+    model=None,
+    data=None,
+    *,
+    n: int | None = 300,
+    token: str = "last",
+    window: int = 5,
+    top_k: int = 5,
+    estimator: str | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    dtype: str = "float32",
+    device_map=None,
+    seed: int = 0,
+    bootstrap: int = 0,
+    ci: float = 0.95,
+    angular_n: int = 1,
+    max_length: int | None = None,
+    blocks=None,
+    allow_download: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> ScanResult:
     """Find the critical layers of a language model.
 
     Feeds every prompt (with the model's chat template) through the model, captures the
@@ -449,23 +497,33 @@ def scan(model=None, data=None, *, n: int | None = 300, token: str = "last", win
     if estimator not in ESTIMATORS:
         raise ValueError(f"{fn}: estimator must be 'biased' or 'unbiased', got {estimator!r}")
     if token == "all" and estimator == "biased":
-        raise ValueError(f"{fn}: token='all' streams every token into the minibatch "
-                         f"estimator; use estimator='unbiased', or token='last' or 'mean' "
-                         f"for the full-batch biased estimator")
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or \
-            window < 1 or window % 2 == 0:
-        raise ValueError(f"{fn}: window must be a positive odd integer (3, 5, 7, ...), "
-                         f"got {window!r}")
+        raise ValueError(
+            f"{fn}: token='all' streams every token into the minibatch "
+            f"estimator; use estimator='unbiased', or token='last' or 'mean' "
+            f"for the full-batch biased estimator"
+        )
+    if (
+        isinstance(window, bool)
+        or not isinstance(window, (int, np.integer))
+        or window < 1
+        or window % 2 == 0
+    ):
+        raise ValueError(
+            f"{fn}: window must be a positive odd integer (3, 5, 7, ...), got {window!r}"
+        )
     top_k = _check_int(fn, "top_k", top_k, 1)
     batch_size = _check_int(fn, "batch_size", batch_size, 1)
     bootstrap = _check_int(fn, "bootstrap", bootstrap, 0)
     if n is not None:
         n = _check_int(fn, "n", n, 1)
     if bootstrap and token == "all":
-        raise ValueError(f"{fn}: bootstrap={bootstrap} needs the per-prompt states, which "
-                         f"token='all' does not keep; use token='last' or 'mean'")
+        raise ValueError(
+            f"{fn}: bootstrap={bootstrap} needs the per-prompt states, which "
+            f"token='all' does not keep; use token='last' or 'mean'"
+        )
     if not 0.0 < ci < 1.0:
         raise ValueError(f"{fn}: ci must be in (0, 1), got {ci!r}")
+    _check_device(device)
 
     from .models import LoadedModel, load_model
     from .prompts import PromptSet, format_prompts, load_prompts
@@ -478,12 +536,17 @@ def scan(model=None, data=None, *, n: int | None = 300, token: str = "last", win
         prompt_set = load_prompts(data, n=n, seed=seed)
     need = MIN_ROWS[estimator] if token != "all" else 1
     if len(prompt_set) < need:
-        raise ValueError(f"{fn}: estimator={estimator!r} needs at least {need} prompts, got "
-                         f"{len(prompt_set)} from {prompt_set.source!s}; add prompts"
-                         + (" or use estimator='biased'" if estimator == "unbiased" else ""))
+        raise ValueError(
+            f"{fn}: estimator={estimator!r} needs at least {need} prompts, got "
+            f"{len(prompt_set)} from {prompt_set.source!s}; add prompts"
+            + (" or use estimator='biased'" if estimator == "unbiased" else "")
+        )
     if not isinstance(data, PromptSet) and n is not None and n > available:
-        warnings.warn(f"scan: n={n} but {prompt_set.source} holds {available} usable prompts; "
-                      f"using all {available}", stacklevel=2)
+        warnings.warn(
+            f"scan: n={n} but {prompt_set.source} holds {available} usable prompts; "
+            f"using all {available}",
+            stacklevel=2,
+        )
     n_prompts = len(prompt_set)
     timings["prompts"] = time.perf_counter() - t0
 
@@ -491,17 +554,25 @@ def scan(model=None, data=None, *, n: int | None = 300, token: str = "last", win
     if isinstance(model, LoadedModel):
         lm = model
     else:
-        lm = load_model(model, dtype=dtype, device=device, device_map=device_map,
-                        allow_download=allow_download, trust_remote_code=trust_remote_code,
-                        progress=progress)
+        lm = load_model(
+            model,
+            dtype=dtype,
+            device=device,
+            device_map=device_map,
+            allow_download=allow_download,
+            trust_remote_code=trust_remote_code,
+            progress=progress,
+        )
     timings["load"] = time.perf_counter() - t0
     n_layers = int(lm.n_layers)
     _scores.check_window(window, n_layers, fn)
     n_scored = n_layers - 2 * (window // 2)
     if top_k > n_scored:
-        raise ValueError(f"{fn}: top_k={top_k} exceeds the {n_scored} layers that a window of "
-                         f"{window} scores in a {n_layers}-layer model; use top_k <= "
-                         f"{n_scored}")
+        raise ValueError(
+            f"{fn}: top_k={top_k} exceeds the {n_scored} layers that a window of "
+            f"{window} scores in a {n_layers}-layer model; use top_k <= "
+            f"{n_scored}"
+        )
 
     t0 = time.perf_counter()
     texts = format_prompts(prompt_set, lm.tokenizer)
@@ -517,16 +588,26 @@ def scan(model=None, data=None, *, n: int | None = 300, token: str = "last", win
     minibatch = minibatch_cls(n_layers, unbiased=True) if estimator == "unbiased" else None
     n_rows = 0
     timings["forward_start_unix"] = time.time()
-    batches = iter_block_states(lm.model, lm.tokenizer, texts, blocks=blocks, token=token,
-                                batch_size=batch_size, max_length=max_length,
-                                include_input=True, progress=progress)
+    batches = iter_block_states(
+        lm.model,
+        lm.tokenizer,
+        texts,
+        blocks=blocks,
+        token=token,
+        batch_size=batch_size,
+        max_length=max_length,
+        include_input=True,
+        progress=progress,
+    )
 
     def consume(stream):
         nonlocal n_rows
         for states in stream:
             if len(states) != n_layers + 1:
-                raise RuntimeError(f"{fn}: capture returned {len(states)} tensors per batch, "
-                                   f"expected {n_layers + 1} (embedding + {n_layers} blocks)")
+                raise RuntimeError(
+                    f"{fn}: capture returned {len(states)} tensors per batch, "
+                    f"expected {n_layers + 1} (embedding + {n_layers} blocks)"
+                )
             emb, outs = states[0], states[1:]
             with score_timer:
                 state_scores.update(emb, outs)
@@ -546,8 +627,10 @@ def scan(model=None, data=None, *, n: int | None = 300, token: str = "last", win
             pass
     timings["forward"] = forward_timer.total
     if n_rows < MIN_ROWS[estimator]:
-        raise ValueError(f"{fn}: estimator={estimator!r} needs at least "
-                         f"{MIN_ROWS[estimator]} captured rows, got {n_rows}; add prompts")
+        raise ValueError(
+            f"{fn}: estimator={estimator!r} needs at least "
+            f"{MIN_ROWS[estimator]} captured rows, got {n_rows}; add prompts"
+        )
 
     feats = [torch.cat(parts) for parts in held] if keep else []
     with cka_timer:
@@ -585,34 +668,66 @@ def scan(model=None, data=None, *, n: int | None = 300, token: str = "last", win
         t0 = time.perf_counter()
         cka_fn = None
         if estimator == "unbiased":
+
             def cka_fn(resampled):
                 return _minibatch_cka(resampled, batch_size)
-        boot = _scores.bootstrap_shift(feats, window=window, top_k=top_k, n_boot=bootstrap,
-                                       seed=seed, ci=ci, cka_fn=cka_fn)
+
+        boot = _scores.bootstrap_shift(
+            feats, window=window, top_k=top_k, n_boot=bootstrap, seed=seed, ci=ci, cka_fn=cka_fn
+        )
         timings["bootstrap"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 
     info = dict(getattr(lm, "info", {}) or {})
     model_info = {"name": lm.name, "source": str(lm.source), "n_layers": n_layers, **info}
-    prompts_info = {"name": prompt_set.name, "source": str(prompt_set.source),
-                    "count": n_prompts, "sha256": prompt_set.sha256()}
-    settings = {
-        "token": token, "estimator": estimator, "kernel": "linear", "window": int(window),
-        "top_k": top_k, "n": n, "batch_size": batch_size, "device": str(device),
-        "dtype": str(dtype), "seed": int(seed), "bootstrap": bootstrap, "ci": float(ci),
-        "angular_n": int(angular_n), "max_length": max_length, "rows": n_rows,
+    prompts_info = {
+        "name": prompt_set.name,
+        "source": str(prompt_set.source),
+        "count": n_prompts,
+        "sha256": prompt_set.sha256(),
     }
-    logger.info("scan of %s on %d prompts: critical layers %s (%.1f s)", lm.name, n_prompts,
-                critical, timings["total"])
+    settings = {
+        "token": token,
+        "estimator": estimator,
+        "kernel": "linear",
+        "window": int(window),
+        "top_k": top_k,
+        "n": n,
+        "batch_size": batch_size,
+        "device": str(device),
+        "dtype": str(dtype),
+        "seed": int(seed),
+        "bootstrap": bootstrap,
+        "ci": float(ci),
+        "angular_n": int(angular_n),
+        "max_length": max_length,
+        "rows": n_rows,
+    }
+    logger.info(
+        "scan of %s on %d prompts: critical layers %s (%.1f s)",
+        lm.name,
+        n_prompts,
+        critical,
+        timings["total"],
+    )
     return ScanResult(
-        cka=cka_np, shift=shift, ranking=ranking, ranks=_scores.layer_ranks(shift),
-        critical_layers=critical, model=_json_safe(model_info), prompts=prompts_info,
-        settings=settings, timings=timings, versions=_versions(), other_scores=other,
-        bootstrap=boot, created=datetime.now(UTC).isoformat(timespec="seconds"))
+        cka=cka_np,
+        shift=shift,
+        ranking=ranking,
+        ranks=_scores.layer_ranks(shift),
+        critical_layers=critical,
+        model=_json_safe(model_info),
+        prompts=prompts_info,
+        settings=settings,
+        timings=timings,
+        versions=_versions(),
+        other_scores=other,
+        bootstrap=boot,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
 
 
-def compare_results(a: ScanResult | str | os.PathLike, b: ScanResult | str | os.PathLike
-                    ) -> dict:
+def compare_results(a: ScanResult | str | os.PathLike, b: ScanResult | str | os.PathLike) -> dict:
     """Compare the shift curves of two scans of one model (data-obliviousness).
 
     Args:
@@ -629,15 +744,25 @@ def compare_results(a: ScanResult | str | os.PathLike, b: ScanResult | str | os.
     ra = a if isinstance(a, ScanResult) else ScanResult.from_json(a)
     rb = b if isinstance(b, ScanResult) else ScanResult.from_json(b)
     if ra.n_layers != rb.n_layers:
-        raise ValueError(f"compare_results: the scans have {ra.n_layers} and {rb.n_layers} "
-                         f"layers; compare two scans of the same model")
+        raise ValueError(
+            f"compare_results: the scans have {ra.n_layers} and {rb.n_layers} "
+            f"layers; compare two scans of the same model"
+        )
     corr = _scores.curve_correlation(ra.shift, rb.shift)
     ca, cb = set(ra.critical_layers), set(rb.critical_layers)
     return {
-        "a": {"model": ra.model.get("name"), "prompts": ra.prompts,
-              "shift": _nan_to_none(ra.shift), "critical_layers": sorted(ca)},
-        "b": {"model": rb.model.get("name"), "prompts": rb.prompts,
-              "shift": _nan_to_none(rb.shift), "critical_layers": sorted(cb)},
+        "a": {
+            "model": ra.model.get("name"),
+            "prompts": ra.prompts,
+            "shift": _nan_to_none(ra.shift),
+            "critical_layers": sorted(ca),
+        },
+        "b": {
+            "model": rb.model.get("name"),
+            "prompts": rb.prompts,
+            "shift": _nan_to_none(rb.shift),
+            "critical_layers": sorted(cb),
+        },
         "pearson": corr["pearson"],
         "spearman": corr["spearman"],
         "n_layers_compared": corr["n_layers"],

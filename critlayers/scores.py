@@ -51,17 +51,22 @@ __all__ = [
 
 
 def _as_matrix(cka, fn: str) -> np.ndarray:
-    m = np.asarray(cka.detach().cpu().numpy() if isinstance(cka, torch.Tensor) else cka,
-                   dtype=np.float64)
+    m = np.asarray(
+        cka.detach().cpu().numpy() if isinstance(cka, torch.Tensor) else cka, dtype=np.float64
+    )
     if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
-        raise ValueError(f"{fn}: cka must be a non-empty square (n_layers, n_layers) matrix, "
-                         f"got shape {tuple(m.shape)}")
+        raise ValueError(
+            f"{fn}: cka must be a non-empty square (n_layers, n_layers) matrix, "
+            f"got shape {tuple(m.shape)}"
+        )
     return m
 
 
 def _as_vector(shift, fn: str, name: str = "shift") -> np.ndarray:
-    values = [math.nan if v is None else v for v in
-              (shift.tolist() if isinstance(shift, (np.ndarray, torch.Tensor)) else shift)]
+    values = [
+        math.nan if v is None else v
+        for v in (shift.tolist() if isinstance(shift, (np.ndarray, torch.Tensor)) else shift)
+    ]
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 1:
         raise ValueError(f"{fn}: {name} must be one value per layer, got shape {v.shape}")
@@ -81,12 +86,15 @@ def check_window(window, n_layers: int, fn: str = "shift_scores") -> int:
         raise ValueError(f"{fn}: window must be an odd integer, got {window!r}")
     window = int(window)
     if window < 1 or window % 2 == 0:
-        raise ValueError(f"{fn}: window must be a positive odd integer (3, 5, 7, ...), "
-                         f"got {window}")
+        raise ValueError(
+            f"{fn}: window must be a positive odd integer (3, 5, 7, ...), got {window}"
+        )
     if window > n_layers:
         largest = n_layers if n_layers % 2 else n_layers - 1
-        raise ValueError(f"{fn}: window={window} is larger than the model's {n_layers} layers; "
-                         f"use an odd window of at most {largest}")
+        raise ValueError(
+            f"{fn}: window={window} is larger than the model's {n_layers} layers; "
+            f"use an odd window of at most {largest}"
+        )
     return window
 
 
@@ -113,7 +121,7 @@ def shift_scores(cka, window: int = 5) -> np.ndarray:
     half = window // 2
     out = np.full(n_layers, np.nan)
     for layer in range(half, n_layers - half):
-        out[layer] = m[layer, layer - half:layer + half + 1].mean()
+        out[layer] = m[layer, layer - half : layer + half + 1].mean()
     return out
 
 
@@ -158,8 +166,10 @@ def critical_layers(shift, k: int = 5) -> list[int]:
     """
     order = rank_layers(shift)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(order):
-        raise ValueError(f"critical_layers: k must be an integer between 1 and the number of "
-                         f"scored layers ({len(order)}), got {k!r}")
+        raise ValueError(
+            f"critical_layers: k must be an integer between 1 and the number of "
+            f"scored layers ({len(order)}), got {k!r}"
+        )
     return sorted(order[:k])
 
 
@@ -188,14 +198,25 @@ def biased_cka_from_grams(grams: torch.Tensor) -> torch.Tensor:
 class BootstrapResult:
     """Bootstrap distribution of the shift scores over resampled prompts.
 
+    The interval is the bias-adjusted percentile interval: the percentiles of the resampled
+    scores, each moved by the bootstrap estimate of the bias, ``mean(delta*) - delta``.
+    Resampling with replacement repeats prompts, and repeated rows raise the biased CKA (fewer
+    distinct examples), so the raw percentiles sit above ``delta``; the adjustment removes
+    that shift and keeps the spread. Top-k frequencies are rank statistics and need no
+    adjustment.
+
     Attributes:
         n_boot: number of resamples.
         seed: seed of the resampling generator.
         ci: coverage of the interval, e.g. 0.95 for the 2.5th to 97.5th percentiles.
         top_k: the ``k`` used for :attr:`topk_freq`.
-        shift_mean: (n_layers,) mean of ``delta^l`` over resamples (NaN where unscored).
-        shift_low: (n_layers,) lower percentile of ``delta^l``.
-        shift_high: (n_layers,) upper percentile of ``delta^l``.
+        shift: (n_layers,) ``delta^l`` on all examples (NaN where unscored).
+        shift_mean: (n_layers,) mean of ``delta^l`` over resamples.
+        bias: (n_layers,) ``shift_mean - shift``.
+        shift_low: (n_layers,) lower end of the bias-adjusted interval.
+        shift_high: (n_layers,) upper end of the bias-adjusted interval.
+        percentile_low: (n_layers,) raw lower percentile of the resampled ``delta^l``.
+        percentile_high: (n_layers,) raw upper percentile.
         topk_freq: (n_layers,) fraction of resamples in which the layer is among the ``k``
             lowest.
         samples: (n_boot, n_layers) all resampled shift scores.
@@ -205,9 +226,13 @@ class BootstrapResult:
     seed: int
     ci: float
     top_k: int
+    shift: np.ndarray
     shift_mean: np.ndarray
+    bias: np.ndarray
     shift_low: np.ndarray
     shift_high: np.ndarray
+    percentile_low: np.ndarray
+    percentile_high: np.ndarray
     topk_freq: np.ndarray
     samples: np.ndarray
 
@@ -218,9 +243,13 @@ class BootstrapResult:
             "seed": self.seed,
             "ci": self.ci,
             "top_k": self.top_k,
+            "interval": "bias-adjusted percentile",
             "shift_mean": _nan_to_none(self.shift_mean),
+            "bias": _nan_to_none(self.bias),
             "shift_low": _nan_to_none(self.shift_low),
             "shift_high": _nan_to_none(self.shift_high),
+            "percentile_low": _nan_to_none(self.percentile_low),
+            "percentile_high": _nan_to_none(self.percentile_high),
             "topk_freq": [float(f) for f in self.topk_freq],
         }
 
@@ -229,16 +258,22 @@ def _nan_to_none(values) -> list[float | None]:
     return [None if v is None or not np.isfinite(v) else float(v) for v in values]
 
 
-def bootstrap_shift(feats: Sequence[torch.Tensor], *, window: int = 5, top_k: int = 5,
-                    n_boot: int = 200, seed: int = 0, ci: float = 0.95,
-                    cka_fn: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
-                    ) -> BootstrapResult:
+def bootstrap_shift(
+    feats: Sequence[torch.Tensor],
+    *,
+    window: int = 5,
+    top_k: int = 5,
+    n_boot: int = 200,
+    seed: int = 0,
+    ci: float = 0.95,
+    cka_fn: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
+) -> BootstrapResult:
     """Bootstrap the shift scores by resampling examples with replacement.
 
     Each resample draws ``n`` row indices with replacement (the same rows for every layer, so
     a row stays one prompt), recomputes the CKA matrix and the shift scores from the already
     captured states, and records which layers land in the ``top_k`` lowest. No forward pass
-    is repeated.
+    is repeated. The interval is bias-adjusted; see :class:`BootstrapResult`.
 
     Args:
         feats: one (n, d_l) tensor per layer, rows aligned across layers.
@@ -272,19 +307,29 @@ def bootstrap_shift(feats: Sequence[torch.Tensor], *, window: int = 5, top_k: in
         raise ValueError(f"{fn}: feats must hold at least one layer, got none")
     n = int(feats[0].shape[0])
     if n < 2 or any(int(f.shape[0]) != n for f in feats):
-        raise ValueError(f"{fn}: feats must have the same number (>= 2) of rows in every "
-                         f"layer, got {[int(f.shape[0]) for f in feats]}")
+        raise ValueError(
+            f"{fn}: feats must have the same number (>= 2) of rows in every "
+            f"layer, got {[int(f.shape[0]) for f in feats]}"
+        )
     n_layers = len(feats)
     check_window(window, n_layers, fn)
     n_scored = n_layers - 2 * (window // 2)
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or \
-            not 1 <= top_k <= n_scored:
-        raise ValueError(f"{fn}: top_k must be between 1 and the number of scored layers "
-                         f"({n_scored}), got {top_k!r}")
+    if (
+        isinstance(top_k, bool)
+        or not isinstance(top_k, (int, np.integer))
+        or not 1 <= top_k <= n_scored
+    ):
+        raise ValueError(
+            f"{fn}: top_k must be between 1 and the number of scored layers "
+            f"({n_scored}), got {top_k!r}"
+        )
 
     grams = None
     if cka_fn is None:
         grams = torch.stack([f.to(torch.float64) @ f.to(torch.float64).T for f in feats])
+        full = shift_scores(biased_cka_from_grams(grams), window)
+    else:
+        full = shift_scores(cka_fn(list(feats)), window)
     gen = torch.Generator().manual_seed(int(seed))
     samples = np.full((n_boot, n_layers), np.nan)
     counts = np.zeros(n_layers)
@@ -308,9 +353,22 @@ def bootstrap_shift(feats: Sequence[torch.Tensor], *, window: int = 5, top_k: in
         low[scored] = np.nanpercentile(cols, 100 * alpha, axis=0)
         high[scored] = np.nanpercentile(cols, 100 * (1 - alpha), axis=0)
         mean[scored] = np.nanmean(cols, axis=0)
-    return BootstrapResult(n_boot=int(n_boot), seed=int(seed), ci=float(ci), top_k=int(top_k),
-                           shift_mean=mean, shift_low=low, shift_high=high,
-                           topk_freq=counts / n_boot, samples=samples)
+    bias = mean - full
+    return BootstrapResult(
+        n_boot=int(n_boot),
+        seed=int(seed),
+        ci=float(ci),
+        top_k=int(top_k),
+        shift=full,
+        shift_mean=mean,
+        bias=bias,
+        shift_low=low - bias,
+        shift_high=high - bias,
+        percentile_low=low,
+        percentile_high=high,
+        topk_freq=counts / n_boot,
+        samples=samples,
+    )
 
 
 class StateScores:
@@ -325,10 +383,15 @@ class StateScores:
     """
 
     def __init__(self, n_layers: int, angular_n: int = 1):
-        if isinstance(angular_n, bool) or not isinstance(angular_n, (int, np.integer)) or \
-                not 1 <= angular_n <= n_layers:
-            raise ValueError(f"StateScores: angular_n must be an integer between 1 and "
-                             f"n_layers ({n_layers}), got {angular_n!r}")
+        if (
+            isinstance(angular_n, bool)
+            or not isinstance(angular_n, (int, np.integer))
+            or not 1 <= angular_n <= n_layers
+        ):
+            raise ValueError(
+                f"StateScores: angular_n must be an integer between 1 and "
+                f"n_layers ({n_layers}), got {angular_n!r}"
+            )
         self.n_layers = int(n_layers)
         self.angular_n = int(angular_n)
         self._bi_sum = np.zeros(self.n_layers)
@@ -349,8 +412,9 @@ class StateScores:
             states: one (b, d) output per block, in block order.
         """
         if len(states) != self.n_layers:
-            raise ValueError(f"StateScores.update: states must hold {self.n_layers} layers, "
-                             f"got {len(states)}")
+            raise ValueError(
+                f"StateScores.update: states must hold {self.n_layers} layers, got {len(states)}"
+            )
         seq = [block_input, *states]
         for layer in range(self.n_layers):
             self._bi_sum[layer] += float((1.0 - self._cos(seq[layer], seq[layer + 1])).sum())
@@ -369,7 +433,7 @@ class StateScores:
         """(n_layers,) mean angular distance over blocks ``l .. l + n - 1``; NaN past the end."""
         out = np.full(self.n_layers, np.nan)
         if self.count:
-            out[:len(self._ad_sum)] = self._ad_sum / self.count
+            out[: len(self._ad_sum)] = self._ad_sum / self.count
         return out
 
 
@@ -388,8 +452,9 @@ def block_influence(block_input: torch.Tensor, states: Sequence[torch.Tensor]) -
     return acc.block_influence()
 
 
-def angular_distance(block_input: torch.Tensor, states: Sequence[torch.Tensor],
-                     n: int = 1) -> np.ndarray:
+def angular_distance(
+    block_input: torch.Tensor, states: Sequence[torch.Tensor], n: int = 1
+) -> np.ndarray:
     """Angular distance ``arccos(cos(h_in(l), h_in(l + n))) / pi``, mean over examples.
 
     Args:
@@ -415,8 +480,10 @@ def rank_correlation(a, b) -> float:
 
     x, y = _as_vector(a, "rank_correlation", "a"), _as_vector(b, "rank_correlation", "b")
     if x.shape != y.shape:
-        raise ValueError(f"rank_correlation: a and b must have the same length, got "
-                         f"{x.shape[0]} and {y.shape[0]}")
+        raise ValueError(
+            f"rank_correlation: a and b must have the same length, got "
+            f"{x.shape[0]} and {y.shape[0]}"
+        )
     keep = np.isfinite(x) & np.isfinite(y)
     if keep.sum() < 3 or np.ptp(x[keep]) == 0 or np.ptp(y[keep]) == 0:
         return math.nan
@@ -436,8 +503,10 @@ def curve_correlation(a, b) -> dict[str, float | int]:
 
     x, y = _as_vector(a, "curve_correlation", "a"), _as_vector(b, "curve_correlation", "b")
     if x.shape != y.shape:
-        raise ValueError(f"curve_correlation: a and b must have the same length, got "
-                         f"{x.shape[0]} and {y.shape[0]}")
+        raise ValueError(
+            f"curve_correlation: a and b must have the same length, got "
+            f"{x.shape[0]} and {y.shape[0]}"
+        )
     keep = np.isfinite(x) & np.isfinite(y)
     pearson = math.nan
     if keep.sum() >= 3 and np.ptp(x[keep]) > 0 and np.ptp(y[keep]) > 0:

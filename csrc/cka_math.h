@@ -36,10 +36,11 @@ CL_HOST_DEVICE acc_t sq_distance(acc_t sq_norm_i, acc_t sq_norm_j, acc_t dot) {
   return d2 > acc_t(0) ? d2 : acc_t(0);
 }
 
-// RBF kernel value exp(-gamma * d2) with gamma = 1 / (2 sigma^2).
+// RBF kernel value exp(-gamma * d2) with gamma = 1 / (2 sigma^2). The exponential is taken in
+// float64 on both halves, so CPU and GPU agree to the last bit of the rounded result.
 template <typename acc_t>
 CL_HOST_DEVICE acc_t rbf_value(acc_t d2, acc_t gamma) {
-  return exp(-gamma * d2);
+  return static_cast<acc_t>(exp(-static_cast<double>(gamma) * static_cast<double>(d2)));
 }
 
 // Biased (double) centring H K H in offset form: (HKH)_ij = K_ij - r_i/n - r_j/n + R/n^2,

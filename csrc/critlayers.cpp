@@ -4,7 +4,11 @@
 // TORCH_LIBRARY_IMPL, so they dispatch on the device of their inputs and work under
 // torch.compile. Checks raise ValueError (TORCH_CHECK_VALUE) for caller mistakes, naming the
 // op, the argument and the value; TORCH_INTERNAL_ASSERT guards invariants.
+#ifdef TORCH_EXTENSION_NAME
 #include <torch/extension.h>
+#else
+#include <ATen/ATen.h>
+#endif
 #include <torch/library.h>
 
 #include <string>
@@ -191,6 +195,9 @@ TORCH_LIBRARY(critlayers, m) {
 
 }  // namespace critlayers
 
+// The Python module exists only in the Python build; C++ users of the CMake library load the
+// ops with torch::ops / torch.ops.load_library and need no Python.
+#ifdef TORCH_EXTENSION_NAME
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "critlayers CKA engine: importing this module registers the torch.ops.critlayers ops";
   m.def(
@@ -204,3 +211,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "Whether the CUDA half of the engine was compiled into this module.");
 }
+#endif  // TORCH_EXTENSION_NAME

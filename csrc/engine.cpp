@@ -3,7 +3,10 @@
 // share their arithmetic through cka_math.h.
 #include "engine.h"
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 
@@ -28,29 +31,6 @@ int64_t stats_chunk(int64_t d) {
   return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(d, 1));
 }
 
-// Column means of x (n, d) in float64, read in chunks so that no float64 copy of x exists.
-Tensor column_mean(const Tensor& x) {
-  const int64_t n = x.size(0);
-  const int64_t chunk = stats_chunk(x.size(1));
-  Tensor sum = at::zeros({x.size(1)}, x.options().dtype(at::kDouble));
-  for (int64_t r0 = 0; r0 < n; r0 += chunk) {
-    sum.add_(x.narrow(0, r0, std::min(chunk, n - r0)).to(at::kDouble).sum(0));
-  }
-  return sum.div_(static_cast<double>(n));
-}
-
-// Squared norms (n,) of the rows of x - mean, float64, chunked like column_mean.
-Tensor centred_sq_norms(const Tensor& x, const Tensor& mean) {
-  const int64_t n = x.size(0);
-  const int64_t chunk = stats_chunk(x.size(1));
-  Tensor q = at::empty({n}, x.options().dtype(at::kDouble));
-  for (int64_t r0 = 0; r0 < n; r0 += chunk) {
-    const int64_t rows = std::min(chunk, n - r0);
-    q.narrow(0, r0, rows).copy_(x.narrow(0, r0, rows).to(at::kDouble).sub(mean).square().sum(1));
-  }
-  return q;
-}
-
 // A view of the first numel elements of a flat buffer as a (rows, cols) matrix.
 Tensor view2d(const Tensor& flat, int64_t rows, int64_t cols) {
   return flat.narrow(0, 0, rows * cols).view({rows, cols});
@@ -70,9 +50,41 @@ struct LayerPrep {
   Tensor offsets;     // (n,) float64, centring offsets (cka_math.h)
   double scale = 1;   // root mean square of the centred features
   double gamma = 0;   // RBF: 1 / (2 sigma^2) in scaled units
+  double offset_slope = 0;      // linear, unbiased: offsets = slope * sq_norms + intercept
+  double offset_intercept = 0;
 };
 
 }  // namespace
+
+void generic_column_moments(const at::Tensor& x, at::Tensor& sums, at::Tensor& sum_squares) {
+  const int64_t n = x.size(0);
+  const int64_t chunk = stats_chunk(x.size(1));
+  const Tensor first = x[0].to(at::kDouble);
+  sums.zero_();
+  sum_squares.zero_();
+  for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+    // A new tensor: for float64 input, to() returns x itself, which must not be modified.
+    Tensor shifted = x.narrow(0, r0, std::min(chunk, n - r0)).to(at::kDouble) - first;
+    sums.add_(shifted.sum(0));
+    sum_squares.add_(shifted.square_().sum(0));
+  }
+}
+
+// Tile buffers. On the CPU they are kept per thread between calls, so that large tiles are not
+// page-faulted in again on every call (the kernel zeroes fresh pages, which costs about as much
+// as centring them); CUDA tensors already come from torch's caching allocator.
+Tensor workspace(size_t slot, int64_t numel, const at::TensorOptions& opts) {
+  if (!opts.device().is_cpu()) {
+    return at::empty({numel}, opts);
+  }
+  static thread_local std::array<Tensor, 4> cache;
+  Tensor& buf = cache.at(slot);
+  if (!buf.defined() || buf.numel() < numel || buf.scalar_type() != opts.dtype()) {
+    buf = Tensor();
+    buf = at::empty({numel}, opts);
+  }
+  return buf.narrow(0, 0, numel);
+}
 
 void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorList feats,
                           const std::string& kernel, at::ArrayRef<double> gammas, bool unbiased,
@@ -87,68 +99,111 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
   tile = std::min(tile, n);
   const int64_t n_tiles = (n + tile - 1) / tile;
 
-  // Per-layer statistics: one float64 pass for the mean and one for the row norms. A NaN or
-  // Inf anywhere in a layer shows up in these sums, so the check costs nothing extra.
+  // Per-layer statistics from one float64 pass over x. A NaN or Inf anywhere in a layer shows
+  // up in these sums, so the check costs nothing extra.
   std::vector<LayerPrep> prep(n_layers);
-  int64_t d_max = 0;
+  int64_t width_total = 0;
   for (int64_t l = 0; l < n_layers; ++l) {
     const Tensor& x = feats[l];
-    d_max = std::max(d_max, x.size(1));
+    const int64_t d = x.size(1);
+    width_total += d;
     LayerPrep& p = prep[l];
-    p.mean = column_mean(x);
-    Tensor q = centred_sq_norms(x, p.mean);
-    const double total = q.sum().item<double>();
-    const double mean_total = p.mean.abs().sum().item<double>();
-    TORCH_CHECK_VALUE(std::isfinite(total) && std::isfinite(mean_total), "feats[", l,
-                      "] (layer ", l, ") contains NaN or Inf");
-    const double mean_square = total / (nd * static_cast<double>(x.size(1)));
+    Tensor sums = at::empty({d}, opts64);
+    Tensor sum_squares = at::empty({d}, opts64);
+    kernels.column_moments(x, sums, sum_squares);
+    p.mean = x[0].to(at::kDouble) + sums / nd;  // out of place: x may already be float64
+    // sum_i |x_i - mean|^2 from moments about the first row.
+    const double total = (sum_squares - sums.square() / nd).sum().item<double>();
+    TORCH_CHECK_VALUE(std::isfinite(total) && std::isfinite(p.mean.sum().item<double>()),
+                      "feats[", l, "] (layer ", l, ") contains NaN or Inf");
+    const double mean_square = std::max(total, 0.0) / (nd * static_cast<double>(d));
     p.scale = mean_square > 0 ? std::sqrt(mean_square) : 1.0;
-    const double inv_sq = 1.0 / (p.scale * p.scale);
-    p.sq_norms = q.mul_(inv_sq);
+    p.sq_norms = at::empty({n}, opts64);
+    p.offsets = at::zeros({n}, opts64);
     if (rbf) {
       p.gamma = gammas[l] * p.scale * p.scale;
     } else if (unbiased) {
       // Centred features have zero column sums, so the off-diagonal row sums of x x^T are
-      // -|x_i|^2 and the U-centring offsets follow from the row norms alone.
-      p.offsets = affine_offsets(-p.sq_norms, -total * inv_sq, nd, math::unbiased_offset);
-    } else {
-      p.offsets = at::zeros({n}, opts64);
+      // -|x_i|^2 and the U-centring offsets are affine in the row norms (set as rows are
+      // centred, below).
+      const double total_scaled = total / (p.scale * p.scale);
+      p.offset_slope = math::unbiased_offset(0.0, 0.0, nd) - math::unbiased_offset(1.0, 0.0, nd);
+      p.offset_intercept = math::unbiased_offset(0.0, -total_scaled, nd);
     }
   }
+  const bool offsets_from_rows = !rbf && unbiased;
 
+  Tensor rows_i_buf = workspace(0, tile * width_total, opts);
   std::vector<Tensor> rows_i(n_layers);
-  for (int64_t l = 0; l < n_layers; ++l) {
-    rows_i[l] = at::empty({tile, feats[l].size(1)}, opts);
+  int64_t d_max = 0;
+  for (int64_t l = 0, at_elem = 0; l < n_layers; ++l) {
+    const int64_t d = feats[l].size(1);
+    rows_i[l] = rows_i_buf.narrow(0, at_elem, tile * d).view({tile, d});
+    at_elem += tile * d;
+    d_max = std::max(d_max, d);
   }
-  Tensor rows_j = at::empty({tile * d_max}, opts);
-  Tensor gram = at::empty({tile * tile}, opts);
-  Tensor centred = at::empty({n_layers, tile * tile}, opts64);
+  // On the CPU, layers are spread over threads when there are at least as many layers as
+  // threads, each matrix product then running on one thread; otherwise (few layers, or CUDA)
+  // layers go in order and each product uses every thread.
+  const int64_t n_threads = at::get_num_threads();
+  const bool layer_parallel = feats[0].device().is_cpu() && n_threads > 1 &&
+                              n_layers >= n_threads;
+  const int64_t n_workers = layer_parallel ? n_threads : 1;
+  Tensor rows_j_buf = workspace(1, n_workers * tile * d_max, opts);
+  Tensor gram_buf = workspace(2, n_workers * tile * tile, opts);
+  auto for_each_layer = [&](auto&& body) {
+    if (layer_parallel) {
+      at::parallel_for(0, n_layers, 1, [&](int64_t begin, int64_t end) {
+        const int64_t worker = at::get_thread_num();
+        for (int64_t l = begin; l < end; ++l) {
+          body(l, worker);
+        }
+      });
+    } else {
+      for (int64_t l = 0; l < n_layers; ++l) {
+        body(l, 0);
+      }
+    }
+  };
+  Tensor centred = workspace(3, n_layers * tile * tile, opts64).view({n_layers, tile * tile});
   Tensor acc = at::zeros({n_layers, n_layers}, opts64);
 
-  // Visits the upper triangle of tiles (i0 <= j0); body(l, i0, ti, j0, tj, gram_tile) gets the
-  // dot products of the centred, scaled rows of layer l.
+  // Centres rows [r0, r0 + rows) of layer l into out, recording their norms (and offsets).
+  auto centre = [&](int64_t l, int64_t r0, int64_t rows, Tensor& out) {
+    LayerPrep& p = prep[l];
+    Tensor sq = p.sq_norms.narrow(0, r0, rows);
+    kernels.centre_rows(feats[l], r0, rows, p.mean, 1.0 / p.scale, out, sq);
+    if (offsets_from_rows) {
+      p.offsets.narrow(0, r0, rows).copy_(sq).mul_(p.offset_slope).add_(p.offset_intercept);
+    }
+  };
+
+  // Visits the upper triangle of tiles (i0 <= j0). per_layer(l, i0, ti, j0, tj, gram_tile)
+  // gets the dot products of the centred, scaled rows of layer l; after_layers(i0, ti, j0, tj)
+  // runs once all layers of the tile are done.
   auto for_each_tile = [&](auto&& per_layer, auto&& after_layers) {
     for (int64_t bi = 0; bi < n_tiles; ++bi) {
       const int64_t i0 = bi * tile;
       const int64_t ti = std::min(tile, n - i0);
-      for (int64_t l = 0; l < n_layers; ++l) {
+      for_each_layer([&](int64_t l, int64_t) {
         Tensor xi = rows_i[l].narrow(0, 0, ti);
-        kernels.centre_rows(feats[l], i0, ti, prep[l].mean, 1.0 / prep[l].scale, xi);
-      }
+        centre(l, i0, ti, xi);
+      });
       for (int64_t bj = bi; bj < n_tiles; ++bj) {
         const int64_t j0 = bj * tile;
         const int64_t tj = std::min(tile, n - j0);
-        for (int64_t l = 0; l < n_layers; ++l) {
+        for_each_layer([&](int64_t l, int64_t worker) {
           Tensor xi = rows_i[l].narrow(0, 0, ti);
           Tensor xj = xi;
           if (bj != bi) {
-            xj = view2d(rows_j, tj, feats[l].size(1));
-            kernels.centre_rows(feats[l], j0, tj, prep[l].mean, 1.0 / prep[l].scale, xj);
+            xj = view2d(rows_j_buf.narrow(0, worker * tile * d_max, tile * d_max), tj,
+                        feats[l].size(1));
+            centre(l, j0, tj, xj);
           }
-          Tensor g = view2d(gram, ti, tj);
+          Tensor g = view2d(gram_buf.narrow(0, worker * tile * tile, tile * tile), ti, tj);
           at::mm_out(g, xi, xj.t());
           per_layer(l, i0, ti, j0, tj, g);
-        }
+        });
         after_layers(i0, ti, j0, tj);
       }
     }
@@ -161,13 +216,12 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
     for (int64_t l = 0; l < n_layers; ++l) {
       row_sums[l] = at::zeros({n}, opts64);
     }
-    Tensor no_offsets = at::zeros({tile}, opts64);
     for_each_tile(
         [&](int64_t l, int64_t i0, int64_t ti, int64_t j0, int64_t tj, const Tensor& g) {
           Tensor values = view2d(centred[l], ti, tj);
           kernels.centre_tile(g, true, prep[l].sq_norms.narrow(0, i0, ti),
                               prep[l].sq_norms.narrow(0, j0, tj), prep[l].gamma,
-                              no_offsets.narrow(0, 0, ti), no_offsets.narrow(0, 0, tj), i0 - j0,
+                              prep[l].offsets.narrow(0, i0, ti), prep[l].offsets.narrow(0, j0, tj), i0 - j0,
                               false, values);
           row_sums[l].narrow(0, i0, ti).add_(values.sum(1));
           if (j0 != i0) {
@@ -307,20 +361,19 @@ void feature_moments_accumulate(const Kernels& kernels, at::TensorList feats,
   std::vector<Tensor> sq(n_layers);
   for (int64_t r0 = 0; r0 < n; r0 += chunk_rows) {
     const int64_t rows = std::min(chunk_rows, n - r0);
-    Tensor q_all = at::empty({rows, n_layers}, qq.options());
+    Tensor q_all = at::empty({n_layers, rows}, qq.options());
     for (int64_t l = 0; l < n_layers; ++l) {
       centred[l] = at::empty({rows, feats[l].size(1)}, opts);
-      kernels.centre_rows(feats[l], r0, rows, shifts[l], 1.0, centred[l]);
-      sq[l] = centred[l].square().sum(1);
-      Tensor q64 = sq[l].to(at::kDouble);
+      Tensor q64 = q_all[l];
+      kernels.centre_rows(feats[l], r0, rows, shifts[l], 1.0, centred[l], q64);
+      sq[l] = q64.to(cdt);
       const double chunk_total = q64.sum().item<double>();
       TORCH_CHECK_VALUE(std::isfinite(chunk_total), "feats[", l, "] (layer ", l,
                         ") contains NaN or Inf");
-      q_all.select(1, l).copy_(q64);
       colsum[l].add_(centred[l].sum(0));
       qsum[l].add_(chunk_total);
     }
-    qq.addmm_(q_all.t(), q_all);
+    qq.addmm_(q_all, q_all.t());
     for (size_t p = 0; p < pair_a.size(); ++p) {
       const Tensor& xa = centred[pair_a[p]];
       const Tensor& xb = centred[pair_b[p]];

@@ -13,10 +13,15 @@ namespace critlayers {
 // ATen (MKL / cuBLAS) and hand every tile to these kernels, so no uncentred Gram is ever
 // stored and no n x n centring matrix exists.
 struct Kernels {
-  // out (rows, d) = (x[row0 : row0 + rows] - mean) * inv_scale, in out's dtype.
+  // Column statistics of x (n, d), any float dtype and strides, about its first row x_0:
+  // sums (d,) float64 = sum_r (x_r - x_0), sum_squares (d,) float64 = sum_r (x_r - x_0)^2.
+  // Shifting by a row keeps the variance free of cancellation when the mean is large.
+  void (*column_moments)(const at::Tensor& x, at::Tensor& sums, at::Tensor& sum_squares);
+  // out (rows, d) = (x[row0 : row0 + rows] - mean) * inv_scale, in out's dtype, and
+  // sq_norms (rows,) float64 = the squared norms of the rows as stored in out.
   // x: (n, d), any float dtype and strides; mean: (d,) float64.
   void (*centre_rows)(const at::Tensor& x, int64_t row0, int64_t rows, const at::Tensor& mean,
-                      double inv_scale, at::Tensor& out);
+                      double inv_scale, at::Tensor& out, at::Tensor& sq_norms);
   // out64 (ti, tj) float64 = centred kernel values of one tile of the Gram.
   // gram: (ti, tj) dot products of centred rows; for the RBF kernel sq_rows (ti,) and
   // sq_cols (tj,) are the rows' squared norms and gamma = 1 / (2 sigma^2). offsets_rows (ti,)
@@ -27,6 +32,10 @@ struct Kernels {
                       const at::Tensor& offsets_cols, int64_t diagonal_shift, bool unbiased,
                       at::Tensor& out64);
 };
+
+// column_moments from ATen operations, for backends where memory bandwidth makes a dedicated
+// kernel unnecessary. Reads x in chunks of rows, so no float64 copy of x exists.
+void generic_column_moments(const at::Tensor& x, at::Tensor& sums, at::Tensor& sum_squares);
 
 const Kernels& cpu_kernels();
 #ifdef CRITLAYERS_WITH_CUDA

@@ -15,6 +15,7 @@ from tiny_models import (
     hidden_states_reference,
     make_model,
     make_tokenizer,
+    single_thread,
 )
 
 from critlayers.capture import BlockCapture, count_prompt_tokens, iter_block_states
@@ -27,13 +28,19 @@ def run(model, tokenizer, texts, **kwargs) -> list[torch.Tensor]:
     """All batches of iter_block_states concatenated along the row axis, one tensor per block."""
     kwargs.setdefault("progress", False)
     batches = list(iter_block_states(model, tokenizer, texts, **kwargs))
-    return [torch.cat(parts) for parts in zip(*batches)]
+    return [torch.cat(parts) for parts in zip(*batches, strict=True)]
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     scale = max(1.0, b.abs().max().item())
     err = (a - b).abs().max().item()
     assert err <= ATOL * scale, f"{what}: max abs error {err:.3g} (scale {scale:.3g})"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +66,7 @@ def test_batched_equals_unbatched(family, token, tokenizer):
     one = run(model, tokenizer, SAMPLE_TEXTS, token=token, batch_size=1)
     batched = run(model, tokenizer, SAMPLE_TEXTS, token=token, batch_size=3)
     assert len(one) == expected_depth(family)
-    for layer, (a, b) in enumerate(zip(batched, one)):
+    for layer, (a, b) in enumerate(zip(batched, one, strict=True)):
         assert a.shape == (len(SAMPLE_TEXTS), model.config.hidden_size)
         assert a.dtype == torch.float32 and a.device.type == "cpu"
         assert_close(a, b, f"{family} block {layer}")
@@ -82,16 +89,18 @@ def test_matches_output_hidden_states(family, tokenizer):
     refs = [hidden_states_reference(model, tokenizer, t) for t in texts]
     assert all(len(r) == n_layers + 1 for r in refs)
     with torch.inference_mode():
-        for l in range(n_layers + 1):
-            expected = torch.cat([r[l] for r in refs])
-            got = states[l]
-            if l == n_layers:
+        for k in range(n_layers + 1):
+            expected = torch.cat([r[k] for r in refs])
+            got = states[k]
+            if k == n_layers:
                 got = final_norm(model)(got)
             assert got.shape == expected.shape
-            assert_close(got, expected, f"{family} hidden state {l}")
-        for l in range(n_layers - 1):
-            assert_close(last[l], torch.stack([r[l + 1][-1] for r in refs]), f"last {l}")
-            assert_close(mean[l], torch.stack([r[l + 1].mean(0) for r in refs]), f"mean {l}")
+            assert_close(got, expected, f"{family} hidden state {k}")
+        for layer in range(n_layers - 1):
+            want_last = torch.stack([r[layer + 1][-1] for r in refs])
+            want_mean = torch.stack([r[layer + 1].mean(0) for r in refs])
+            assert_close(last[layer], want_last, f"{family} last, block {layer}")
+            assert_close(mean[layer], want_mean, f"{family} mean, block {layer}")
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
@@ -109,7 +118,7 @@ def test_padding_never_leaks(family, token):
             states = run(model, tok, [company[0], text, company[1]], token=token, batch_size=3)
             n_first = count_prompt_tokens(tok, [company[0]])[0] if token == "all" else 1
             rows = slice(n_first, n_first + reference[0].shape[0])
-            for layer, (got, want) in enumerate(zip(states, reference)):
+            for layer, (got, want) in enumerate(zip(states, reference, strict=True)):
                 assert_close(got[rows], want, f"{family} pad={pad} block {layer}")
 
 
@@ -129,7 +138,7 @@ def test_last_token_is_last_prompt_token_whatever_the_tokenizer_padding_side():
     model = make_model("llama")
     left = run(model, make_tokenizer(padding_side="left"), SAMPLE_TEXTS, batch_size=4)
     right = run(model, make_tokenizer(padding_side="right"), SAMPLE_TEXTS, batch_size=4)
-    for a, b in zip(left, right):
+    for a, b in zip(left, right, strict=True):
         assert torch.equal(a, b)
 
 
@@ -147,7 +156,7 @@ def test_tuple_and_bare_tensor_outputs(return_tuple, tokenizer):
     got = run(model, tokenizer, SAMPLE_TEXTS, batch_size=3)
     want = run(bare, tokenizer, SAMPLE_TEXTS, batch_size=1)
     assert len(got) == 3
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert_close(a, b, f"return_tuple={return_tuple}")
 
 
@@ -170,22 +179,28 @@ def test_block_that_fires_twice_is_named(tokenizer):
         run(model, tokenizer, SAMPLE_TEXTS[:2])
 
 
+def _hook_counts(blocks) -> list[tuple[int, int]]:
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for _, m in blocks]
+
+
 def test_hooks_are_removed_and_mode_restored(tokenizer):
     model = make_model("phi3")
     blocks = find_blocks(model)
+    before = _hook_counts(blocks)  # transformers may keep hooks of its own on the blocks
     model.train()
     try:
         run(model, tokenizer, SAMPLE_TEXTS[:2], include_input=True)
         assert model.training
     finally:
         model.eval()
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for _, m in blocks)
+    assert _hook_counts(blocks) == before
     abandoned = iter_block_states(model, tokenizer, SAMPLE_TEXTS, batch_size=2, progress=False)
     next(abandoned)
-    assert all(not m._forward_hooks for _, m in blocks)
+    assert _hook_counts(blocks) == before
+    toy = ToyModel(skip=0).eval()
     with pytest.raises(RuntimeError, match="did not fire"):
-        run(ToyModel(skip=0).eval(), tokenizer, SAMPLE_TEXTS[:1])
-    assert all(not m._forward_hooks for _, m in blocks)
+        run(toy, tokenizer, SAMPLE_TEXTS[:1])
+    assert _hook_counts(find_blocks(toy)) == [(0, 0)] * 3
 
 
 def test_truncation_keeps_the_end_and_warns_once_with_a_count():
@@ -197,7 +212,7 @@ def test_truncation_keeps_the_end_and_warns_once_with_a_count():
     assert len([w for w in rec if "truncated" in str(w.message)]) == 1
     # BOS is kept, then the last five words.
     want = run(model, tokenizer, ["[BOS] six seven eight nine ten"], batch_size=1)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert_close(a[1:2], b, "truncated prompt")
 
 
@@ -230,7 +245,7 @@ def test_low_precision_models_give_float32_states(tokenizer):
     got = run(half, tokenizer, SAMPLE_TEXTS, batch_size=4)
     one = run(half, tokenizer, SAMPLE_TEXTS, batch_size=1)
     want = run(model, tokenizer, SAMPLE_TEXTS, batch_size=4)
-    for a, b, c in zip(got, one, want):
+    for a, b, c in zip(got, one, want, strict=True):
         assert a.dtype == torch.float32
         assert (a - c).abs().max() <= 0.05 * c.abs().max()
         assert (a - b).abs().max() <= 0.05 * b.abs().max()
@@ -245,7 +260,7 @@ def test_cuda_matches_cpu(token, tokenizer):
     gpu.load_state_dict(model.state_dict())
     gpu = gpu.to("cuda")
     got = run(gpu, tokenizer, SAMPLE_TEXTS, token=token, batch_size=3)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert a.device.type == "cpu" and a.dtype == torch.float32
         assert (a - b).abs().max() <= 1e-3 * max(1.0, b.abs().max().item())
 
@@ -260,7 +275,7 @@ def test_accelerate_dispatched_model(tokenizer):
     device_map.update({"model.rotary_emb": "cpu", "lm_head": "cpu"})
     dispatched = accelerate.dispatch_model(copy, device_map=device_map)
     got = run(dispatched, tokenizer, SAMPLE_TEXTS, batch_size=3)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert_close(a, b, "dispatched")
 
 
@@ -268,12 +283,13 @@ def test_block_capture_context_manager(tokenizer):
     model = make_model("mistral")
     blocks = find_blocks(model)
     enc = tokenizer(SAMPLE_TEXTS[:2], return_tensors="pt", padding=True)
+    before = _hook_counts(blocks)
     with BlockCapture(blocks, token="mean") as capture, torch.inference_mode():
+        assert [h for h, _ in _hook_counts(blocks)] == [h + 1 for h, _ in before]
         capture.begin(enc["attention_mask"])
         model(**enc)
         states = capture.collect()
-        assert all(m._forward_hooks for _, m in blocks)
-    assert all(not m._forward_hooks for _, m in blocks)
+    assert _hook_counts(blocks) == before
     assert [s.shape for s in states] == [(2, 32)] * 3
 
 

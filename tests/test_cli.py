@@ -41,8 +41,23 @@ def data_file(tmp_path_factory):
 
 
 def _scan_args(model_dir, data_file, out, *extra):
-    return ["scan", "--model", str(model_dir), "--data", str(data_file), "--n", "12",
-            "--window", "3", "--top-k", "2", "--out", str(out), "--no-progress", *extra]
+    return [
+        "scan",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data_file),
+        "--n",
+        "12",
+        "--window",
+        "3",
+        "--top-k",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_scan_happy_path(model_dir, data_file, tmp_path, capsys):
@@ -56,14 +71,18 @@ def test_scan_happy_path(model_dir, data_file, tmp_path, capsys):
     result = ScanResult.from_json(out)
     assert result.n_layers == N_LAYERS and result.prompts["count"] == 12
     assert result.settings["bootstrap"] == 10 and result.settings["batch_size"] == 5
-    assert f"critical layers (k=2): {', '.join(map(str, result.critical_layers))}" \
-        in captured.out
+    assert f"critical layers (k=2): {', '.join(map(str, result.critical_layers))}" in captured.out
     table = [line for line in captured.out.splitlines() if line.strip().startswith(("0", "1"))]
     assert table, captured.out
     # A rerun into the same folder replaces the result and leaves no temporary files.
     assert main(_scan_args(model_dir, data_file, out, "--seed", "1")) == 0
-    assert sorted(os.listdir(out)) == ["cka.csv", "cka.png", "report.html", "scan.json",
-                                       "shift.png"]
+    assert sorted(os.listdir(out)) == [
+        "cka.csv",
+        "cka.png",
+        "report.html",
+        "scan.json",
+        "shift.png",
+    ]
     assert ScanResult.from_json(out).settings["seed"] == 1
 
 
@@ -105,20 +124,29 @@ def _bad_inputs(model_dir, data_file, tmp):
         "not a model": (["--model", str(not_model)], "is not a model"),
         "unsupported gguf": (["--model", str(gguf_file)], "architecture 'nonesuch'"),
         "unknown prompt format": (["--model", m, "--data", str(xml)], "unknown extension"),
-        "missing prompt file": (["--model", m, "--data", str(tmp / "nope.jsonl")],
-                                "does not exist"),
+        "missing prompt file": (
+            ["--model", m, "--data", str(tmp / "nope.jsonl")],
+            "does not exist",
+        ),
         "no usable rows": (["--model", m, "--data", str(unusable)], "no usable prompt rows"),
         "too few for biased": (["--model", m, "--data", str(one)], "needs at least 2 prompts"),
-        "too few for unbiased": (["--model", m, "--data", str(three), "--estimator",
-                                  "unbiased"], "needs at least 4 prompts"),
-        "window larger than model": (["--model", m, "--data", d, "--window", "7"],
-                                     "larger than the model's 5 layers"),
+        "too few for unbiased": (
+            ["--model", m, "--data", str(three), "--estimator", "unbiased"],
+            "needs at least 4 prompts",
+        ),
+        "window larger than model": (
+            ["--model", m, "--data", d, "--window", "7"],
+            "larger than the model's 5 layers",
+        ),
         "even window": (["--model", m, "--data", d, "--window", "4"], "odd"),
         "top-k above scored layers": (["--model", m, "--data", d, "--top-k", "9"], "top_k=9"),
         "bad token": (["--token", "first"], "invalid choice: 'first'"),
         "bad n": (["--n", "0"], "expected a positive integer"),
-        "all tokens with biased": (["--model", m, "--data", d, "--token", "all",
-                                    "--estimator", "biased"], "use estimator='unbiased'"),
+        "bad device": (["--model", m, "--data", d, "--device", "tpu9"], "not a torch device"),
+        "all tokens with biased": (
+            ["--model", m, "--data", d, "--token", "all", "--estimator", "biased"],
+            "use estimator='unbiased'",
+        ),
     }
 
 
@@ -145,9 +173,20 @@ def test_bad_inputs_exit_2_with_one_line(model_dir, data_file, tmp_path, capsys)
 
 def test_module_entry_point_without_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "critlayers", "scan", "--model", str(tmp_path / "nope"),
-         "--no-progress"], capture_output=True, text=True, timeout=120,
-        cwd=os.path.dirname(os.path.dirname(__file__)))
+        [
+            sys.executable,
+            "-m",
+            "critlayers",
+            "scan",
+            "--model",
+            str(tmp_path / "nope"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "does not exist" in lines[0], proc.stderr

@@ -114,3 +114,14 @@ def test_fixed_bugs_and_errors():
     assert float(shim.cka_base(x.numpy(), y.numpy())) == pytest.approx(
         float(peer.cka_base(x, y)), abs=1e-10)
     assert np.isfinite(float(shim.cka_base(x.float(), y.float(), unbiased=True)))
+
+
+def test_inputs_are_left_unchanged():
+    x, y = _pair(20)
+    x0, y0 = x.clone(), y.clone()
+    shim.cka_base(x, y)
+    shim.cka_base(x, y, unbiased=True)
+    shim.cka_base(x, y, kernel="rbf")
+    shim.cka_batch(x[None], y[None])
+    torch.testing.assert_close(x, x0, rtol=0, atol=0)
+    torch.testing.assert_close(y, y0, rtol=0, atol=0)

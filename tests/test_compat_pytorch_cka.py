@@ -142,3 +142,11 @@ def test_errors_match_peer_kinds():
         shim.hsic(torch.eye(3)[None], torch.eye(3)[None])
     with pytest.raises(ValueError, match="at least one dataloader"):
         shim.compute_cka(model, model)
+
+
+def test_inputs_are_left_unchanged():
+    _, fx = _grams(5, 3)
+    before = [f.clone() for f in fx]
+    shim.cka_from_features(fx, fx)
+    for f, f0 in zip(fx, before, strict=True):
+        torch.testing.assert_close(f, f0, rtol=0, atol=0)

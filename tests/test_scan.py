@@ -19,8 +19,11 @@ from critlayers.scan import ScanResult, compare_results, read_cka_csv, scan
 from tests.tiny_models import SAMPLE_TEXTS, make_config, make_tokenizer
 
 N_LAYERS = 6
-TEXTS = SAMPLE_TEXTS + [f"{a} {b}" for a in ("explain", "describe", "list")
-                        for b in ("the sun", "two cats", "a short story about water")]
+TEXTS = SAMPLE_TEXTS + [
+    f"{a} {b}"
+    for a in ("explain", "describe", "list")
+    for b in ("the sun", "two cats", "a short story about water")
+]
 
 
 def _model(norm_identity: bool = True):
@@ -40,8 +43,14 @@ def _model(norm_identity: bool = True):
 @pytest.fixture(scope="module")
 def lm():
     tok = make_tokenizer(chat_template=True)
-    return LoadedModel(model=_model(), tokenizer=tok, name="tiny-llama", source="test",
-                       n_layers=N_LAYERS, info={"model_type": "llama"})
+    return LoadedModel(
+        model=_model(),
+        tokenizer=tok,
+        name="tiny-llama",
+        source="test",
+        n_layers=N_LAYERS,
+        info={"model_type": "llama"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +78,7 @@ def hidden(lm, prompts):
 
 @pytest.fixture(scope="module")
 def result(lm, prompts):
-    return scan(lm, prompts, window=3, top_k=2, batch_size=4, bootstrap=20, seed=3,
-                progress=False)
+    return scan(lm, prompts, window=3, top_k=2, batch_size=4, bootstrap=20, seed=3, progress=False)
 
 
 def test_biased_cka_equals_reference_on_hidden_states(result, hidden):
@@ -95,8 +103,7 @@ def test_other_scores_equal_hidden_state_computation(result, hidden):
 
 
 def test_unbiased_single_batch_equals_reference(lm, prompts, hidden):
-    res = scan(lm, prompts, estimator="unbiased", window=3, top_k=1, batch_size=64,
-               progress=False)
+    res = scan(lm, prompts, estimator="unbiased", window=3, top_k=1, batch_size=64, progress=False)
     feats = [torch.stack([h[layer + 1, -1] for h in hidden]) for layer in range(N_LAYERS)]
     ref = reference.cka_matrix(feats, unbiased=True)
     np.testing.assert_allclose(res.cka, ref.numpy(), atol=5e-5)
@@ -104,8 +111,7 @@ def test_unbiased_single_batch_equals_reference(lm, prompts, hidden):
 
 def test_unbiased_minibatches_merge_short_tail(lm, prompts):
     # 17 prompts in batches of 5: the tail of 2 is merged into the batch before it.
-    res = scan(lm, prompts, estimator="unbiased", window=3, top_k=1, batch_size=5,
-               progress=False)
+    res = scan(lm, prompts, estimator="unbiased", window=3, top_k=1, batch_size=5, progress=False)
     assert np.isfinite(res.cka).all() and res.settings["rows"] == len(TEXTS)
 
 
@@ -119,24 +125,26 @@ def test_all_tokens_stream_equals_reference(lm, prompts, hidden):
 
 
 def test_bootstrap_in_scan_is_seeded(lm, prompts, result):
-    again = scan(lm, prompts, window=3, top_k=2, batch_size=4, bootstrap=20, seed=3,
-                 progress=False)
+    again = scan(lm, prompts, window=3, top_k=2, batch_size=4, bootstrap=20, seed=3, progress=False)
     np.testing.assert_allclose(result.bootstrap.samples, again.bootstrap.samples, atol=1e-6)
     boot = result.to_dict()["bootstrap"]
     assert boot["n_boot"] == 20 and boot["top_k"] == 2
     assert sum(boot["topk_freq"]) == pytest.approx(2.0)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"window": 7}, r"window=7 is larger than the model's 6 layers"),
-    ({"window": 4}, r"scan: window must be a positive odd integer"),
-    ({"window": 5, "top_k": 3}, r"top_k=3 exceeds the 2 layers"),
-    ({"token": "first"}, r"scan: token must be one of"),
-    ({"estimator": "fast"}, r"scan: estimator must be"),
-    ({"token": "all", "estimator": "biased"}, r"token='all' streams"),
-    ({"token": "all", "bootstrap": 5}, r"bootstrap=5 needs the per-prompt states"),
-    ({"batch_size": 0}, r"scan: batch_size must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"window": 7}, r"window=7 is larger than the model's 6 layers"),
+        ({"window": 4}, r"scan: window must be a positive odd integer"),
+        ({"window": 5, "top_k": 3}, r"top_k=3 exceeds the 2 layers"),
+        ({"token": "first"}, r"scan: token must be one of"),
+        ({"estimator": "fast"}, r"scan: estimator must be"),
+        ({"token": "all", "estimator": "biased"}, r"token='all' streams"),
+        ({"token": "all", "bootstrap": 5}, r"bootstrap=5 needs the per-prompt states"),
+        ({"batch_size": 0}, r"scan: batch_size must be an integer >= 1"),
+    ],
+)
 def test_scan_bad_options(lm, prompts, kwargs, match):
     args = dict(window=3, top_k=1, progress=False)
     args.update(kwargs)
@@ -151,8 +159,20 @@ def test_scan_too_few_prompts(lm, estimator, count):
         scan(lm, few, estimator=estimator, window=3, top_k=1, progress=False)
 
 
-SCHEMA_KEYS = {"schema_version", "cka", "shift", "ranking", "critical_layers", "model",
-               "prompts", "settings", "timings", "versions", "other_scores", "bootstrap"}
+SCHEMA_KEYS = {
+    "schema_version",
+    "cka",
+    "shift",
+    "ranking",
+    "critical_layers",
+    "model",
+    "prompts",
+    "settings",
+    "timings",
+    "versions",
+    "other_scores",
+    "bootstrap",
+}
 
 
 def test_json_schema_and_round_trip(result, tmp_path):
@@ -263,8 +283,16 @@ def test_default_model_scan_equals_reference_on_same_states():
     lm = load_model(None, progress=False)
     prompts = load_prompts(None, n=24, seed=0)
     res = scan(lm, prompts, batch_size=8, progress=False)
-    batches = list(iter_block_states(lm.model, lm.tokenizer, format_prompts(prompts, lm.tokenizer),
-                                     token="last", batch_size=8, progress=False))
+    batches = list(
+        iter_block_states(
+            lm.model,
+            lm.tokenizer,
+            format_prompts(prompts, lm.tokenizer),
+            token="last",
+            batch_size=8,
+            progress=False,
+        )
+    )
     feats = [torch.cat([b[layer] for b in batches]) for layer in range(lm.n_layers)]
     ref = reference.cka_matrix(feats)
     assert res.n_layers == lm.n_layers == 18

@@ -20,12 +20,14 @@ def _band(n_layers: int, values: dict[tuple[int, int], float]) -> np.ndarray:
 
 
 def test_shift_by_hand_window3():
-    m = np.array([
-        [1.0, 0.9, 0.5, 0.2],
-        [0.9, 1.0, 0.6, 0.3],
-        [0.5, 0.6, 1.0, 0.8],
-        [0.2, 0.3, 0.8, 1.0],
-    ])
+    m = np.array(
+        [
+            [1.0, 0.9, 0.5, 0.2],
+            [0.9, 1.0, 0.6, 0.3],
+            [0.5, 0.6, 1.0, 0.8],
+            [0.2, 0.3, 0.8, 1.0],
+        ]
+    )
     delta = S.shift_scores(m, window=3)
     assert math.isnan(delta[0]) and math.isnan(delta[3])
     assert delta[1] == pytest.approx((0.9 + 1.0 + 0.6) / 3)
@@ -114,8 +116,12 @@ def test_bootstrap_reproducible_and_bounded():
     assert a.samples.shape == (30, 6)
     assert np.isnan(a.shift_low[[0, 5]]).all()
     inner = slice(1, 5)
-    assert (a.shift_low[inner] <= a.shift_mean[inner]).all()
-    assert (a.shift_mean[inner] <= a.shift_high[inner]).all()
+    assert (a.percentile_low[inner] <= a.shift_mean[inner]).all()
+    assert (a.shift_mean[inner] <= a.percentile_high[inner]).all()
+    np.testing.assert_allclose(a.shift, S.shift_scores(reference.cka_matrix(feats), 3))
+    np.testing.assert_allclose(a.bias[inner], (a.shift_mean - a.shift)[inner])
+    np.testing.assert_allclose(a.shift_low[inner], (a.percentile_low - a.bias)[inner])
+    np.testing.assert_allclose(a.shift_high[inner], (a.percentile_high - a.bias)[inner])
     assert a.topk_freq.sum() == pytest.approx(2.0)
     assert a.topk_freq[[0, 5]].tolist() == [0.0, 0.0]
     d = a.to_dict()
@@ -141,16 +147,19 @@ def test_bootstrap_custom_estimator_is_called():
         return torch.eye(4, dtype=torch.float64)
 
     boot = S.bootstrap_shift(feats, window=3, top_k=1, n_boot=4, cka_fn=cka_fn)
-    assert len(calls) == 4 and calls[0] == (10, 5)
+    assert len(calls) == 5 and calls[0] == (10, 5)  # the full sample, then 4 resamples
     assert np.allclose(boot.shift_mean[1:3], 1 / 3)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"n_boot": 0}, "n_boot"),
-    ({"ci": 1.0}, "ci"),
-    ({"top_k": 5}, "top_k"),
-    ({"window": 2}, "window"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n_boot": 0}, "n_boot"),
+        ({"ci": 1.0}, "ci"),
+        ({"top_k": 5}, "top_k"),
+        ({"window": 2}, "window"),
+    ],
+)
 def test_bootstrap_bad_arguments(kwargs, match):
     args = dict(window=3, top_k=1, n_boot=2)
     args.update(kwargs)
@@ -160,8 +169,8 @@ def test_bootstrap_bad_arguments(kwargs, match):
 
 def test_block_influence_and_angular_by_hand():
     emb = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
-    s0 = torch.tensor([[0.0, 1.0], [0.0, 3.0]])     # rotates row 0 by 90 degrees
-    s1 = torch.tensor([[0.0, -1.0], [0.0, 3.0]])    # rotates row 0 by another 180 degrees
+    s0 = torch.tensor([[0.0, 1.0], [0.0, 3.0]])  # rotates row 0 by 90 degrees
+    s1 = torch.tensor([[0.0, -1.0], [0.0, 3.0]])  # rotates row 0 by another 180 degrees
     bi = S.block_influence(emb, [s0, s1])
     np.testing.assert_allclose(bi, [(1.0 + 0.0) / 2, (2.0 + 0.0) / 2])
     ad1 = S.angular_distance(emb, [s0, s1], n=1)
@@ -176,10 +185,11 @@ def test_state_scores_stream_equals_full():
     emb = torch.randn(20, 5, generator=torch.Generator().manual_seed(3))
     acc = S.StateScores(5, angular_n=2)
     for i in range(0, 20, 6):
-        acc.update(emb[i:i + 6], [f[i:i + 6] for f in feats])
+        acc.update(emb[i : i + 6], [f[i : i + 6] for f in feats])
     np.testing.assert_allclose(acc.block_influence(), S.block_influence(emb, feats))
-    np.testing.assert_allclose(acc.angular_distance(), S.angular_distance(emb, feats, 2),
-                               equal_nan=True)
+    np.testing.assert_allclose(
+        acc.angular_distance(), S.angular_distance(emb, feats, 2), equal_nan=True
+    )
     with pytest.raises(ValueError, match="StateScores: angular_n"):
         S.StateScores(3, angular_n=4)
 
@@ -190,7 +200,6 @@ def test_rank_and_curve_correlation():
     assert math.isnan(S.rank_correlation([None, 1, 2], [1, 2, 3]))
     assert math.isnan(S.rank_correlation([1, 1, 1, 1], [1, 2, 3, 4]))
     corr = S.curve_correlation(a, [0, 0.2, 0.4, 0.6, 0.8, 0])
-    assert corr == {"pearson": pytest.approx(1.0), "spearman": pytest.approx(1.0),
-                    "n_layers": 4}
+    assert corr == {"pearson": pytest.approx(1.0), "spearman": pytest.approx(1.0), "n_layers": 4}
     with pytest.raises(ValueError, match="curve_correlation: a and b"):
         S.curve_correlation([1, 2, 3], [1, 2])

@@ -7,6 +7,7 @@ pad, BOS, EOS and unknown tokens, and optionally a chat template.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -24,6 +25,19 @@ VOCAB_WORDS = (
 ).split()
 SPECIAL = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
 VOCAB_SIZE = 256
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run with one intra-op thread: tiny models gain nothing from more, and on a busy machine
+    extra threads make each small matmul many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . "

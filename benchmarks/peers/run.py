@@ -22,8 +22,8 @@ limit is reported as such. In each cell:
 
 Engine workloads (all-pairs linear CKA matrix of float32 activations): A 18 layers n=512 d=640,
 B 32 layers n=300 d=4096, C 18 layers n=4096 d=640, D one pair n=8192 d=1024. Model workload M:
-two randomly initialised 6-block transformer encoders (d_model 256) compared block by block with
-minibatch CKA over 512 sequences of 16 tokens in batches of 64, through each library's own model
+two randomly initialised 6-block transformer encoders (d_model 128) compared block by block with
+minibatch CKA over 256 sequences of 16 tokens in batches of 32, through each library's own model
 API; critlayers' row is its drop-in ``critlayers.compat.pytorch_cka.compute_cka``.
 """
 
@@ -383,6 +383,7 @@ def main(argv=None) -> int:
 
     from benchmarks.peers.workloads import ENGINE_WORKLOADS
 
+    load_start = os.getloadavg()[0]
     rows = []
     for workload in args.workloads.split(","):
         if workload in ENGINE_WORKLOADS:
@@ -427,7 +428,9 @@ def main(argv=None) -> int:
         "## Peer libraries",
         "",
         f"Machine: {_machine()}. Versions: "
-        + ", ".join(f"{k} {v}" for k, v in _versions().items()) + ".",
+        + ", ".join(f"{k} {v}" for k, v in _versions().items()) + ". 1-minute load average "
+        f"{load_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end (other work on "
+        "the machine inflates absolute times; ratios are measured under the same conditions).",
         "",
         f"Command: `python -m benchmarks.peers.run --workloads {args.workloads} --timeout "
         f"{args.timeout:.0f}`. Time: median wall time of up to {args.repeats} warm calls (a cell "

@@ -21,7 +21,7 @@ ENGINE_WORKLOADS = {
     "D": (2, 8192, 1024),
 }
 
-MODEL_WORKLOAD = {"n": 512, "batch_size": 64, "seq": 16, "d_model": 256, "depth": 6}
+MODEL_WORKLOAD = {"n": 256, "batch_size": 32, "seq": 16, "d_model": 128, "depth": 6}
 
 
 def layer_features(n_layers: int, n: int, d: int, seed: int = 0, rank: int = 32) -> torch.Tensor:

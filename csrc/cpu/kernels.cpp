@@ -6,6 +6,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "../cka_math.h"
 #include "../engine.h"
 #include "../ops.h"
@@ -15,14 +18,70 @@ namespace {
 
 using at::Tensor;
 
-// centre_rows: out[r, c] = (x[row0 + r, c] - mean[c]) * inv_scale.
-// Each task owns a contiguous range of rows; arithmetic in float64, stored as acc_t.
+// column_moments: sums[c] = sum_r (x[r, c] - x[0, c]), sum_squares[c] = sum_r (...)^2,
+// float64. Each task owns a range of columns and walks every row over it, so a row-major x is
+// read in contiguous segments and no partial sums need merging; the unit-stride loop
+// vectorises.
+template <typename scalar_t>
+void column_moments_loop(const Tensor& x, Tensor& sums, Tensor& sum_squares) {
+  const scalar_t* x_data = x.data_ptr<scalar_t>();
+  double* sums_data = sums.data_ptr<double>();
+  double* squares_data = sum_squares.data_ptr<double>();
+  const int64_t n = x.size(0);
+  const int64_t d = x.size(1);
+  const int64_t x_row_stride = x.stride(0);
+  const int64_t x_col_stride = x.stride(1);
+  at::parallel_for(0, d, 256, [&](int64_t begin, int64_t end) {
+    const int64_t width = end - begin;
+    std::vector<double> first(width);
+    std::vector<double> s1(width, 0.0);
+    std::vector<double> s2(width, 0.0);
+    for (int64_t c = 0; c < width; ++c) {
+      first[c] = static_cast<double>(x_data[(begin + c) * x_col_stride]);
+    }
+    const double* f = first.data();
+    double* a = s1.data();
+    double* b = s2.data();
+    for (int64_t r = 1; r < n; ++r) {
+      const scalar_t* row = x_data + r * x_row_stride + begin * x_col_stride;
+      if (x_col_stride == 1) {
+        for (int64_t c = 0; c < width; ++c) {
+          const double v = static_cast<double>(row[c]) - f[c];
+          a[c] += v;
+          b[c] += v * v;
+        }
+      } else {
+        for (int64_t c = 0; c < width; ++c) {
+          const double v = static_cast<double>(row[c * x_col_stride]) - f[c];
+          a[c] += v;
+          b[c] += v * v;
+        }
+      }
+    }
+    std::copy(s1.begin(), s1.end(), sums_data + begin);
+    std::copy(s2.begin(), s2.end(), squares_data + begin);
+  });
+}
+
+void column_moments_cpu(const Tensor& x, Tensor& sums, Tensor& sum_squares) {
+  TORCH_INTERNAL_ASSERT(sums.is_contiguous() && sum_squares.is_contiguous());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "column_moments",
+                                  [&] { column_moments_loop<scalar_t>(x, sums, sum_squares); });
+}
+
+// centre_rows: out[r, c] = (x[row0 + r, c] - mean[c]) * inv_scale, sq_norms[r] = sum_c out^2.
+// Each task owns a contiguous range of rows; the shift in float64, the stored value in acc_t,
+// and its square accumulated in float64 over eight independent lanes so that the unit-stride
+// loop vectorises.
 template <typename scalar_t, typename acc_t>
 void centre_rows_loop(const Tensor& x, int64_t row0, int64_t rows, const Tensor& mean,
-                      double inv_scale, Tensor& out) {
+                      double inv_scale, Tensor& out, Tensor& sq_norms) {
+  constexpr int64_t kLanes = 8;
   const scalar_t* x_data = x.data_ptr<scalar_t>();
   const double* mean_data = mean.data_ptr<double>();
   acc_t* out_data = out.data_ptr<acc_t>();
+  double* sq_data = sq_norms.data_ptr<double>();
+  const int64_t sq_stride = sq_norms.stride(0);
   const int64_t d = x.size(1);
   const int64_t x_row_stride = x.stride(0);
   const int64_t x_col_stride = x.stride(1);
@@ -31,21 +90,40 @@ void centre_rows_loop(const Tensor& x, int64_t row0, int64_t rows, const Tensor&
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* src = x_data + (row0 + r) * x_row_stride;
       acc_t* dst = out_data + r * out_row_stride;
-      for (int64_t c = 0; c < d; ++c) {
-        dst[c] = math::centred_feature<acc_t>(src[c * x_col_stride], mean_data[c], inv_scale);
+      double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t c = 0;
+      if (x_col_stride == 1) {
+        for (; c + kLanes <= d; c += kLanes) {
+          for (int64_t k = 0; k < kLanes; ++k) {
+            const acc_t v = math::centred_feature<acc_t>(src[c + k], mean_data[c + k], inv_scale);
+            dst[c + k] = v;
+            lanes[k] += static_cast<double>(v) * static_cast<double>(v);
+          }
+        }
       }
+      for (; c < d; ++c) {
+        const acc_t v =
+            math::centred_feature<acc_t>(src[c * x_col_stride], mean_data[c], inv_scale);
+        dst[c] = v;
+        lanes[0] += static_cast<double>(v) * static_cast<double>(v);
+      }
+      double total = 0.0;
+      for (int64_t k = 0; k < kLanes; ++k) {
+        total += lanes[k];
+      }
+      sq_data[r * sq_stride] = total;
     }
   });
 }
 
 void centre_rows_cpu(const Tensor& x, int64_t row0, int64_t rows, const Tensor& mean,
-                     double inv_scale, Tensor& out) {
+                     double inv_scale, Tensor& out, Tensor& sq_norms) {
   TORCH_INTERNAL_ASSERT(out.stride(1) == 1 && mean.is_contiguous());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "centre_rows", [&] {
     if (out.scalar_type() == at::kDouble) {
-      centre_rows_loop<scalar_t, double>(x, row0, rows, mean, inv_scale, out);
+      centre_rows_loop<scalar_t, double>(x, row0, rows, mean, inv_scale, out, sq_norms);
     } else {
-      centre_rows_loop<scalar_t, float>(x, row0, rows, mean, inv_scale, out);
+      centre_rows_loop<scalar_t, float>(x, row0, rows, mean, inv_scale, out, sq_norms);
     }
   });
 }
@@ -88,14 +166,19 @@ void centre_tile_loop(const Tensor& gram, bool rbf, const Tensor& sq_rows, const
           out_row[c] = math::centred_entry<acc_t>(math::rbf_value<acc_t>(d2, gamma_acc), u_r,
                                                   u_cols[c], c == diag_col, unbiased);
         }
+      } else if (g_col_stride == 1) {
+        for (int64_t c = 0; c < tj; ++c) {
+          out_row[c] = math::centred_entry<acc_t>(static_cast<acc_t>(g_row[c]), u_r, u_cols[c],
+                                                  false, false);
+        }
       } else {
         for (int64_t c = 0; c < tj; ++c) {
           out_row[c] = math::centred_entry<acc_t>(static_cast<acc_t>(g_row[c * g_col_stride]),
                                                   u_r, u_cols[c], false, false);
         }
-        if (unbiased && diag_col >= 0 && diag_col < tj) {
-          out_row[diag_col] = math::centred_entry<acc_t>(acc_t(0), u_r, u_r, true, true);
-        }
+      }
+      if (!rbf && unbiased && diag_col >= 0 && diag_col < tj) {
+        out_row[diag_col] = math::centred_entry<acc_t>(acc_t(0), u_r, u_r, true, true);
       }
     }
   });
@@ -117,7 +200,7 @@ void centre_tile_cpu(const Tensor& gram, bool rbf, const Tensor& sq_rows, const 
 }  // namespace
 
 const Kernels& cpu_kernels() {
-  static const Kernels kernels{&centre_rows_cpu, &centre_tile_cpu};
+  static const Kernels kernels{&column_moments_cpu, &centre_rows_cpu, &centre_tile_cpu};
   return kernels;
 }
 
