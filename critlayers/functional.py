@@ -318,9 +318,15 @@ def _hsic_matrix(fn, feats, feats_y, kernel, unbiased, threshold, sigma, method,
             return HSIC(sums, diag.clone(), diag.clone())
         return HSIC(sums[:n_x, n_x:].clone(), diag[:n_x].clone(), diag[n_x:].clone())
     values = _feature_hsic(fn, everything, n_x, n_y, unbiased)
-    f64 = {"dtype": torch.float64, "device": xs[0].device}
+    return assemble_hsic(values, n_x, n_y, xs[0].device)
+
+
+def assemble_hsic(values: dict[tuple[int, int], float], n_x: int, n_y: int | None,
+                  device: torch.device) -> HSIC:
+    """An :class:`HSIC` from per-pair values keyed as in :func:`feature_pairs`."""
+    f64 = {"dtype": torch.float64, "device": device}
     xx = torch.tensor([values[(a, a)] for a in range(n_x)], **f64)
-    if ys is None:
+    if n_y is None:
         xy = torch.empty(n_x, n_x, **f64)
         for (a, b), v in values.items():
             xy[a, b] = xy[b, a] = v

@@ -32,6 +32,31 @@ def _check_count(fn: str, arg: str, count, allow_none: bool = False) -> None:
         raise ValueError(f"{fn}: {arg} must be a positive integer, got {count!r}")
 
 
+def _batch_layers(fn: str, feats, feats_y, n_layers: int,
+                  n_layers_y: int | None) -> tuple[list[torch.Tensor], int]:
+    """Checks one batch against the accumulator's layer counts; returns the x layers followed
+    by the y layers, and the number of rows."""
+    xs = as_feature_list(fn, "feats", feats)
+    if len(xs) != n_layers:
+        raise ValueError(f"{fn}: feats has {len(xs)} layers but the accumulator was built for "
+                         f"n_layers = {n_layers}")
+    if n_layers_y is None:
+        if feats_y is not None:
+            raise ValueError(f"{fn}: feats_y was given but the accumulator compares x with "
+                             "itself; build it with n_layers_y to compare two layer sets")
+        return xs, xs[0].shape[0]
+    if feats_y is None:
+        raise ValueError(f"{fn}: feats_y is required (n_layers_y = {n_layers_y})")
+    ys = as_feature_list(fn, "feats_y", feats_y)
+    if len(ys) != n_layers_y:
+        raise ValueError(f"{fn}: feats_y has {len(ys)} layers but the accumulator was built for "
+                         f"n_layers_y = {n_layers_y}")
+    if ys[0].shape[0] != xs[0].shape[0]:
+        raise ValueError(f"{fn}: feats_y has {ys[0].shape[0]} examples but feats has "
+                         f"{xs[0].shape[0]}; both must hold the same batch")
+    return xs + ys, xs[0].shape[0]
+
+
 def _map_tensors(state: dict, fn) -> dict:
     """A copy of a state dict with ``fn`` applied to every tensor, in lists too."""
     def one(v):
@@ -124,29 +149,10 @@ class MinibatchCKA:
                 layer sets.
         """
         fn = "critlayers.MinibatchCKA.update"
-        xs = as_feature_list(fn, "feats", feats)
-        if len(xs) != self.n_layers:
-            raise ValueError(f"{fn}: feats has {len(xs)} layers but the accumulator was built "
-                             f"for n_layers = {self.n_layers}")
-        everything = xs
-        if self.n_layers_y is not None:
-            if feats_y is None:
-                raise ValueError(f"{fn}: feats_y is required (n_layers_y = {self.n_layers_y})")
-            ys = as_feature_list(fn, "feats_y", feats_y)
-            if len(ys) != self.n_layers_y:
-                raise ValueError(f"{fn}: feats_y has {len(ys)} layers but the accumulator was "
-                                 f"built for n_layers_y = {self.n_layers_y}")
-            if ys[0].shape[0] != xs[0].shape[0]:
-                raise ValueError(f"{fn}: feats_y has {ys[0].shape[0]} examples but feats has "
-                                 f"{xs[0].shape[0]}; both must hold the same batch")
-            everything = xs + ys
-        elif feats_y is not None:
-            raise ValueError(f"{fn}: feats_y was given but the accumulator compares x with "
-                             "itself; build it with n_layers_y to compare two layer sets")
-        b = xs[0].shape[0]
+        everything, b = _batch_layers(fn, feats, feats_y, self.n_layers, self.n_layers_y)
         check_examples(fn, b, self.unbiased)
-        state = self._state(xs[0].device)
-        if state.device != xs[0].device:
+        state = self._state(everything[0].device)
+        if state.device != everything[0].device:
             everything = [x.to(state.device) for x in everything]
         gammas = (_cka._gammas(fn, everything, self.threshold, self.sigma, self.n_layers)
                   if self.kernel == "rbf" else [])
@@ -329,22 +335,7 @@ class StreamingLinearCKA:
     def update(self, feats, feats_y=None) -> None:
         """Adds a batch of rows: n_layers tensors (b, d_l) (and n_layers_y for y)."""
         fn = "critlayers.StreamingLinearCKA.update"
-        xs = as_feature_list(fn, "feats", feats)
-        if len(xs) != self.n_layers:
-            raise ValueError(f"{fn}: feats has {len(xs)} layers but the accumulator was built "
-                             f"for n_layers = {self.n_layers}")
-        everything = xs
-        if self.n_layers_y is not None:
-            if feats_y is None:
-                raise ValueError(f"{fn}: feats_y is required (n_layers_y = {self.n_layers_y})")
-            ys = as_feature_list(fn, "feats_y", feats_y)
-            if len(ys) != self.n_layers_y or ys[0].shape[0] != xs[0].shape[0]:
-                raise ValueError(f"{fn}: feats_y must hold {self.n_layers_y} layers of "
-                                 f"{xs[0].shape[0]} rows, got {len(ys)} layers of "
-                                 f"{ys[0].shape[0]} rows")
-            everything = xs + ys
-        elif feats_y is not None:
-            raise ValueError(f"{fn}: feats_y was given but n_layers_y is None")
+        everything, rows = _batch_layers(fn, feats, feats_y, self.n_layers, self.n_layers_y)
         if self._state is None:
             self._state = self._allocate(everything)
         st = self._state
@@ -360,7 +351,7 @@ class StreamingLinearCKA:
                   st["va"], st["vb"], st["colsum"], st["qq"], st["qsum"],
                   _cka.feature_chunk_rows(everything), n_x=self.n_layers,
                   has_y=self.n_layers_y is not None)
-        self.n_examples += xs[0].shape[0]
+        self.n_examples += rows
 
     def hsic(self) -> _cka.HSIC:
         """HSIC of all pairs over every row seen: (xy, xx, yy), float64."""
@@ -375,18 +366,7 @@ class StreamingLinearCKA:
                 self.n_examples, self.unbiased, st["cross"][p], st["colsum"][a],
                 st["colsum"][b], st["va"][p], st["vb"][p], float(st["qq"][a, b]),
                 float(st["qsum"][a]), float(st["qsum"][b]))
-        f64 = {"dtype": torch.float64, "device": st["qq"].device}
-        n_x, n_y = self.n_layers, self.n_layers_y
-        xx = torch.tensor([values[(a, a)] for a in range(n_x)], **f64)
-        if n_y is None:
-            xy = torch.empty(n_x, n_x, **f64)
-            for (a, b), v in values.items():
-                xy[a, b] = xy[b, a] = v
-            return _cka.HSIC(xy, xx, xx.clone())
-        yy = torch.tensor([values[(n_x + b, n_x + b)] for b in range(n_y)], **f64)
-        xy = torch.tensor([[values[(a, n_x + b)] for b in range(n_y)] for a in range(n_x)],
-                          **f64)
-        return _cka.HSIC(xy, xx, yy)
+        return _cka.assemble_hsic(values, self.n_layers, self.n_layers_y, st["qq"].device)
 
     def compute(self) -> torch.Tensor:
         """The (n_layers, n_layers_y) CKA matrix over every row seen, float64."""

@@ -305,7 +305,8 @@ def test_streaming_merge_state_dict_and_cross():
 
 
 def test_mismatched_examples_name_the_layer():
-    with pytest.raises(ValueError, match=r"cka_matrix: feats\[1\] has 9 rows but feats\[0\] has 10"):
+    message = r"cka_matrix: feats\[1\] has 9 rows but feats\[0\] has 10"
+    with pytest.raises(ValueError, match=message):
         cl.cka_matrix([torch.randn(10, 3), torch.randn(9, 3)])
     with pytest.raises(ValueError, match="feats_y has n = 7"):
         cl.cka_matrix([torch.randn(10, 3)], [torch.randn(7, 3)])
@@ -387,3 +388,16 @@ def test_reference_agrees_with_numpy_formulas():
     expected = np.sum((h @ k @ h) * (h @ l @ h)) / np.sqrt(
         np.sum((h @ k @ h) ** 2) * np.sum((h @ l @ h) ** 2))
     assert ref.linear_cka(x, y) == pytest.approx(expected, rel=1e-12)
+
+
+def test_missing_extension_error_carries_the_rebuild_command(monkeypatch):
+    import importlib
+
+    from critlayers import _ext
+
+    def fail(name):
+        raise ImportError(f"No module named '{name}'")
+
+    monkeypatch.setattr(importlib, "import_module", fail)
+    with pytest.raises(ImportError, match="pip install --no-build-isolation -e ."):
+        _ext.load()
