@@ -37,10 +37,18 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _stage(path: Path, data: bytes) -> Path:
     """Write ``data`` to a new temporary file next to ``path``; return the temporary path."""
     fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=path.name, dir=path.parent)
     try:
+        # mkstemp creates the file private (0600); results get the usual mode for new files.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -438,12 +438,12 @@ def scan(
 ) -> ScanResult:
     """Find the critical layers of a language model.
 
-    Feeds every prompt (with the model's chat template) through the model, captures the
-    chosen token's state after every block, computes the all-pairs linear CKA matrix, the
-    shift score ``delta^l`` of each block (mean CKA over a window of ``window`` blocks centred
-    on it, itself included; arXiv:2506.00382) and ranks the blocks by it. The same states
-    give block influence and angular distance for comparison, and optionally a bootstrap
-    over prompts.
+    Feeds every prompt (in the model's chat template, or a plain instruction template when it
+    has none) through the model, captures the chosen token's state after every block,
+    computes the all-pairs linear CKA matrix, the shift score ``delta^l`` of each block (mean
+    CKA over a window of ``window`` blocks centred on it, itself included; arXiv:2506.00382)
+    and ranks the blocks by it. The same states give block influence and angular distance for
+    comparison, and optionally a bootstrap over prompts.
 
     Args:
         model: ``None`` for the embedded default model, a local Hugging Face folder, a GGUF
@@ -469,7 +469,8 @@ def scan(
         bootstrap: number of bootstrap resamples of the prompts (0 = none).
         ci: coverage of the bootstrap interval.
         angular_n: block span of the angular distance score.
-        max_length: truncate prompts to this many tokens (the loader warns with a count).
+        max_length: truncate longer prompts to this many tokens, keeping their end (one
+            warning counts them); ``None`` uses the model's context length.
         blocks: block selection passed to the capture (``None`` = found automatically).
         allow_download: let the loader fetch a hub id.
         trust_remote_code: allow a model's own code to run.
