@@ -37,6 +37,8 @@ import torch
 
 from . import scores as _scores
 from ._io import atomic_write_text, commit_files
+from .functional import cka_matrix
+from .minibatch import MinibatchCKA
 
 __all__ = [
     "scan",
@@ -57,13 +59,6 @@ ESTIMATORS = ("biased", "unbiased")
 # Fewest rows one estimate needs: biased HSIC needs two examples, the unbiased (U-statistic)
 # HSIC divides by n (n - 3), so it needs four per minibatch.
 MIN_ROWS = {"biased": 2, "unbiased": 4}
-
-
-def _engine():
-    """The CKA engine: ``(cka_matrix, MinibatchCKA)`` from the top-level package."""
-    import critlayers as cl
-
-    return cl.cka_matrix, cl.MinibatchCKA
 
 
 def _nan_to_none(values) -> list:
@@ -361,8 +356,7 @@ def _chunks(batches: Iterable[list[torch.Tensor]], min_rows: int) -> Iterator[li
 
 def _minibatch_cka(feats: Sequence[torch.Tensor], batch_size: int) -> torch.Tensor:
     """Unbiased minibatch CKA of held states, in minibatches of ``batch_size`` rows."""
-    _, minibatch_cls = _engine()
-    acc = minibatch_cls(len(feats), unbiased=True)
+    acc = MinibatchCKA(len(feats), unbiased=True)
     n = int(feats[0].shape[0])
     parts = ([f[i : i + batch_size] for f in feats] for i in range(0, n, batch_size))
     for chunk in _chunks(parts, MIN_ROWS["unbiased"]):
@@ -581,12 +575,11 @@ def scan(
 
     from .capture import iter_block_states
 
-    cka_matrix, minibatch_cls = _engine()
     forward_timer, cka_timer, score_timer = _Timer(), _Timer(), _Timer()
     state_scores = _scores.StateScores(n_layers, angular_n=angular_n)
     held: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     keep = token != "all"
-    minibatch = minibatch_cls(n_layers, unbiased=True) if estimator == "unbiased" else None
+    minibatch = MinibatchCKA(n_layers, unbiased=True) if estimator == "unbiased" else None
     n_rows = 0
     timings["forward_start_unix"] = time.time()
     batches = iter_block_states(
