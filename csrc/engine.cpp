@@ -27,6 +27,9 @@ at::ScalarType compute_type(at::TensorList feats) {
 }
 
 // Rows per chunk for float64 passes over a feature matrix: about 8 MiB at a time.
+// Largest float64 store of all centred tiles of all layers for the whole-layer schedule.
+constexpr int64_t kWholeLayerBytes = int64_t{64} << 20;
+
 int64_t stats_chunk(int64_t d) {
   return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(d, 1));
 }
@@ -133,14 +136,9 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
   }
   const bool offsets_from_rows = !rbf && unbiased;
 
-  Tensor rows_i_buf = workspace(0, tile * width_total, opts);
-  std::vector<Tensor> rows_i(n_layers);
   int64_t d_max = 0;
-  for (int64_t l = 0, at_elem = 0; l < n_layers; ++l) {
-    const int64_t d = feats[l].size(1);
-    rows_i[l] = rows_i_buf.narrow(0, at_elem, tile * d).view({tile, d});
-    at_elem += tile * d;
-    d_max = std::max(d_max, d);
+  for (int64_t l = 0; l < n_layers; ++l) {
+    d_max = std::max(d_max, feats[l].size(1));
   }
   // On the CPU, layers are spread over threads when there are at least as many layers as
   // threads, each matrix product then running on one thread; otherwise (few layers, or CUDA)
@@ -149,7 +147,6 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
   const bool layer_parallel = feats[0].device().is_cpu() && n_threads > 1 &&
                               n_layers >= n_threads;
   const int64_t n_workers = layer_parallel ? n_threads : 1;
-  Tensor rows_j_buf = workspace(1, n_workers * tile * d_max, opts);
   Tensor gram_buf = workspace(2, n_workers * tile * tile, opts);
   auto for_each_layer = [&](auto&& body) {
     if (layer_parallel) {
@@ -165,8 +162,20 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
       }
     }
   };
-  Tensor centred = workspace(3, n_layers * tile * tile, opts64).view({n_layers, tile * tile});
   Tensor acc = at::zeros({n_layers, n_layers}, opts64);
+  // Adds this call's sums to out, undoing the per-layer scaling of the linear kernel (a linear
+  // Gram scales with the square of the features).
+  auto finish = [&](Tensor& sums) {
+    if (!rbf) {
+      std::vector<double> sq_scales(n_layers);
+      for (int64_t l = 0; l < n_layers; ++l) {
+        sq_scales[l] = prep[l].scale * prep[l].scale;
+      }
+      Tensor s = at::tensor(sq_scales, at::TensorOptions().dtype(at::kDouble)).to(out.device());
+      sums.mul_(at::outer(s, s));
+    }
+    out.add_(sums, alpha);
+  };
 
   // Centres rows [r0, r0 + rows) of layer l into out, recording their norms (and offsets).
   auto centre = [&](int64_t l, int64_t r0, int64_t rows, Tensor& out) {
@@ -177,6 +186,11 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
       p.offsets.narrow(0, r0, rows).copy_(sq).mul_(p.offset_slope).add_(p.offset_intercept);
     }
   };
+
+  // Tile-outer schedule: the rows of one tile of every layer are kept centred (rows_i) while
+  // the tiles of its row band are visited; the other tile's rows are centred per worker.
+  std::vector<Tensor> rows_i(n_layers);
+  Tensor rows_j_buf;
 
   // Visits the upper triangle of tiles (i0 <= j0). per_layer(l, i0, ti, j0, tj, gram_tile)
   // gets the dot products of the centred, scaled rows of layer l; after_layers(i0, ti, j0, tj)
@@ -209,6 +223,66 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
     }
   };
 
+  // Linear kernel with all centred tiles of all layers fitting in kWholeLayerBytes: each layer
+  // is centred once, whole, and all its tiles are formed while its rows are still in cache; the
+  // HSIC of all pairs then comes from two products over the stored tiles (diagonal tiles count
+  // once, off-diagonal ones twice). Otherwise tiles are visited in the outer loop.
+  std::vector<std::array<int64_t, 5>> tile_pairs;  // i0, ti, j0, tj, offset in a layer's row
+  int64_t diagonal_area = 0;
+  int64_t area = 0;
+  for (int pass = 0; pass < 2; ++pass) {
+    for (int64_t bi = 0; bi < n_tiles; ++bi) {
+      for (int64_t bj = bi; bj < n_tiles; ++bj) {
+        if ((bi == bj) != (pass == 0)) {
+          continue;
+        }
+        const int64_t i0 = bi * tile;
+        const int64_t j0 = bj * tile;
+        const int64_t ti = std::min(tile, n - i0);
+        const int64_t tj = std::min(tile, n - j0);
+        tile_pairs.push_back({i0, ti, j0, tj, area});
+        area += ti * tj;
+      }
+    }
+    if (pass == 0) {
+      diagonal_area = area;
+    }
+  }
+  if (!rbf && n_layers * area * 8 <= kWholeLayerBytes) {
+    Tensor rows_buf = workspace(1, n_workers * n * d_max, opts);
+    Tensor stored = workspace(3, n_layers * area, opts64).view({n_layers, area});
+    for_each_layer([&](int64_t l, int64_t worker) {
+      const int64_t d = feats[l].size(1);
+      Tensor x = view2d(rows_buf.narrow(0, worker * n * d_max, n * d_max), n, d);
+      centre(l, 0, n, x);
+      const LayerPrep& p = prep[l];
+      for (const auto& [i0, ti, j0, tj, offset] : tile_pairs) {
+        Tensor g = view2d(gram_buf.narrow(0, worker * tile * tile, tile * tile), ti, tj);
+        at::mm_out(g, x.narrow(0, i0, ti), x.narrow(0, j0, tj).t());
+        Tensor values = view2d(stored[l].narrow(0, offset, ti * tj), ti, tj);
+        kernels.centre_tile(g, false, p.sq_norms.narrow(0, i0, ti), p.sq_norms.narrow(0, j0, tj),
+                            0.0, p.offsets.narrow(0, i0, ti), p.offsets.narrow(0, j0, tj),
+                            i0 - j0, unbiased, values);
+      }
+    });
+    Tensor diagonal_tiles = stored.narrow(1, 0, diagonal_area);
+    acc.addmm_(diagonal_tiles, diagonal_tiles.t());
+    if (area > diagonal_area) {
+      Tensor off_diagonal_tiles = stored.narrow(1, diagonal_area, area - diagonal_area);
+      acc.addmm_(off_diagonal_tiles, off_diagonal_tiles.t(), 1.0, 2.0);
+    }
+    finish(acc);
+    return;
+  }
+
+  Tensor rows_i_buf = workspace(0, tile * width_total, opts);
+  for (int64_t l = 0, at_elem = 0; l < n_layers; ++l) {
+    const int64_t d = feats[l].size(1);
+    rows_i[l] = rows_i_buf.narrow(0, at_elem, tile * d).view({tile, d});
+    at_elem += tile * d;
+  }
+  rows_j_buf = workspace(1, n_workers * tile * d_max, opts);
+  Tensor centred = workspace(3, n_layers * tile * tile, opts64).view({n_layers, tile * tile});
   if (rbf) {
     // The RBF Gram's row sums are not available from x alone: a first sweep over the tiles
     // accumulates them, and the second sweep recomputes each tile and centres it.
@@ -256,16 +330,7 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
         acc.addmm_(block, block.t(), 1.0, i0 == j0 ? 1.0 : 2.0);
       });
 
-  if (!rbf) {
-    // Undo the per-layer scaling: a linear Gram scales with the square of the features.
-    std::vector<double> sq_scales(n_layers);
-    for (int64_t l = 0; l < n_layers; ++l) {
-      sq_scales[l] = prep[l].scale * prep[l].scale;
-    }
-    Tensor s = at::tensor(sq_scales, at::TensorOptions().dtype(at::kDouble)).to(out.device());
-    acc.mul_(at::outer(s, s));
-  }
-  out.add_(acc, alpha);
+  finish(acc);
 }
 
 at::Tensor gram_pair_hsic(const Kernels& kernels, const at::Tensor& grams_x,
