@@ -17,7 +17,9 @@ The engine never forms a centring matrix or a stack of n x n Grams. For all pair
 walks the upper triangle of (tile x tile) blocks of the example index: per block it centres the
 rows of each layer, forms that block of every layer's Gram with one matrix product, centres it
 in the same pass, and adds the block's contribution to all pairwise HSIC sums at once, in
-float64. Extra memory is O(n_layers * tile^2 + n_layers * tile * d). For the linear kernel with
+float64. Extra memory is O(n_layers * tile^2 + n_layers * tile * d). When the centred tiles of
+all layers fit in 64 MiB (the linear kernel at moderate n), each layer is instead centred once,
+whole, and all its tiles formed while its rows are in cache. For the linear kernel with
 n much larger than the width, the same numbers come from the d x d feature-space form, which
 is cheaper; ``method='auto'`` picks whichever needs fewer operations.
 """
