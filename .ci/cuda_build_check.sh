@@ -70,20 +70,7 @@ fi
 
 # The pip CUDA toolkit keeps the headers of cuBLAS, cuSPARSE and cuSOLVER (which ATen's CUDA
 # headers include) in the nvidia packages, not in CUDA_HOME.
-CUDA_INCLUDE="$("${VPY}" - <<'EOF'
-import glob
-import os
-import site
-
-dirs = []
-for root in site.getsitepackages():
-    # nvidia/cu13/include (CUDA 13 wheels) or one folder per library (CUDA 12 wheels).
-    dirs += sorted(glob.glob(os.path.join(root, "nvidia", "cu[0-9]*", "include")))
-    for lib in ("cublas", "cusparse", "cusolver", "cuda_runtime"):
-        dirs.append(os.path.join(root, "nvidia", lib, "include"))
-print(os.pathsep.join(dict.fromkeys(d for d in dirs if os.path.isdir(d))))
-EOF
-)"
+CUDA_INCLUDE="$("${VPY}" "${ROOT}/.ci/cuda_include_dirs.py")"
 for header in cublas_v2.h cusparse.h cusolverDn.h; do
   found=""
   IFS=':' read -r -a dirs <<<"${CUDA_INCLUDE}:${CUDA_HOME}/include"

@@ -81,7 +81,7 @@ def as_feature_list(fn: str, arg: str, feats) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def engine_errors(fn: str, n_x: int, has_y: bool):
+def engine_errors(fn: str, n_x: int | None, has_y: bool):
     """Re-raises an engine ValueError under the public function's name, with the layer index
     of the concatenated list the engine saw (x layers, then y layers) mapped back to the
     caller's argument: ``feats[i]`` or ``feats_y[j]``."""
@@ -92,7 +92,7 @@ def engine_errors(fn: str, n_x: int, has_y: bool):
 
         def rename(match):
             index = int(match.group(1))
-            if has_y and index >= n_x:
+            if has_y and n_x is not None and index >= n_x:
                 return f"feats_y[{index - n_x}]"
             return f"feats[{index}]"
 

@@ -144,7 +144,7 @@ def _gammas(fn: str, feats: Sequence[torch.Tensor], threshold: float,
 
 def _run(fn: str, op, *args, n_x: int | None = None, has_y: bool = False):
     """Calls an engine op; its ValueError names the public function and the caller's layer."""
-    with engine_errors(fn, n_x if n_x is not None else 1 << 30, has_y):
+    with engine_errors(fn, n_x, has_y):
         return op(*args)
 
 

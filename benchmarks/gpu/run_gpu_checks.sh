@@ -65,19 +65,7 @@ fi
 
 # ATen's CUDA headers include cuBLAS, cuSPARSE and cuSOLVER headers; pip-installed CUDA
 # libraries keep them under site-packages/nvidia rather than in CUDA_HOME.
-CUDA_INCLUDE="$("${PY}" - <<'EOF'
-import glob
-import os
-import site
-
-dirs = []
-for root in site.getsitepackages():
-    dirs += sorted(glob.glob(os.path.join(root, "nvidia", "cu[0-9]*", "include")))
-    for lib in ("cublas", "cusparse", "cusolver", "cuda_runtime"):
-        dirs.append(os.path.join(root, "nvidia", lib, "include"))
-print(os.pathsep.join(dict.fromkeys(d for d in dirs if os.path.isdir(d))))
-EOF
-)"
+CUDA_INCLUDE="$("${PY}" "${ROOT}/.ci/cuda_include_dirs.py")"
 echo "extra CUDA include folders: ${CUDA_INCLUDE:-none}" | tee -a "${OUT}/env.txt"
 
 step "build: critlayers._C with CUDA, arch ${TORCH_CUDA_ARCH_LIST:-9.0}"
