@@ -13,15 +13,19 @@ Two HSIC estimators are offered:
   ``n (n - 3)``: unbiased for HSIC, close to 0 for independent data even when n << d, and the
   basis of minibatch CKA (Nguyen et al. 2021, arXiv:2010.15327).
 
-The engine never forms a centring matrix or a stack of n x n Grams. For all pairs of layers it
+The engine never forms a centring matrix or keeps an uncentred Gram. For the linear kernel,
+while the centred upper triangles of all layers fit in 64 MiB, each layer is read once: its rows
+are shifted by the first row in float64 (the centred Gram is shift-invariant) while their column
+sums are taken, and one matrix product per band of rows forms the band's part of the Gram's
+upper triangle together with the rows' dot products with the mean row, which give the centring
+offsets; each block is centred as it is read into a float64 store, and the HSIC of all pairs
+comes from float64 dot products over the stores. Otherwise (larger n, or the RBF kernel) it
 walks the upper triangle of (tile x tile) blocks of the example index: per block it centres the
 rows of each layer, forms that block of every layer's Gram with one matrix product, centres it
 in the same pass, and adds the block's contribution to all pairwise HSIC sums at once, in
-float64. Extra memory is O(n_layers * tile^2 + n_layers * tile * d). When the centred tiles of
-all layers fit in 64 MiB (the linear kernel at moderate n), each layer is instead centred once,
-whole, and all its tiles formed while its rows are in cache. For the linear kernel with
-n much larger than the width, the same numbers come from the d x d feature-space form, which
-is cheaper; ``method='auto'`` picks whichever needs fewer operations.
+float64, with extra memory O(n_layers * tile^2 + n_layers * tile * d). For the linear kernel
+with n much larger than the width, the same numbers come from the d x d feature-space form,
+which is cheaper; ``method='auto'`` picks whichever needs fewer operations.
 """
 
 from __future__ import annotations
@@ -269,7 +273,8 @@ def hsic_matrix(feats, feats_y=None, *, kernel: str = "linear", unbiased: bool =
         sigma: RBF bandwidth as an absolute value for every layer (overrides ``threshold``).
         method: ``'gram'`` (tiled n x n form), ``'feature'`` (d x d form, linear only) or
             ``'auto'`` (the one with fewer operations).
-        tile: tile edge of the Gram form (default: about 256).
+        tile: largest block edge of the Gram form (default: about 256; the whole-layer
+            schedule uses bands of at most about 96 rows).
 
     Returns:
         :class:`HSIC` with ``xy`` (n_x, n_y), ``xx`` (n_x,), ``yy`` (n_y,), float64, on the

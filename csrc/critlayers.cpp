@@ -210,5 +210,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
       },
       "Whether the CUDA half of the engine was compiled into this module.");
+  m.def("_use_generic_cpu_kernels", &critlayers::use_generic_cpu_kernels, pybind11::arg("generic"),
+        "Testing aid: run CPU ops without the CPU-only fast paths, as the CUDA half runs them.");
 }
 #endif  // TORCH_EXTENSION_NAME

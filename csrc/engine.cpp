@@ -1,9 +1,11 @@
 // Device-agnostic drivers of the CKA engine. Matrix products go to ATen (MKL on the CPU,
 // cuBLAS on CUDA); every element-wise step goes to the backend's kernels (engine.h), which
-// share their arithmetic through cka_math.h.
+// share their arithmetic through cka_math.h. Each phase shows in torch.profiler as a
+// critlayers:: record.
 #include "engine.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <array>
@@ -26,10 +28,16 @@ at::ScalarType compute_type(at::TensorList feats) {
   return at::kFloat;
 }
 
-// Rows per chunk for float64 passes over a feature matrix: about 8 MiB at a time.
-// Largest float64 store of all centred tiles of all layers for the whole-layer schedule.
+// Largest float64 store of the centred Gram blocks of all layers for the whole-layer schedule.
 constexpr int64_t kWholeLayerBytes = int64_t{64} << 20;
+// Rows of one band of the whole-layer schedule, before bands are evened out. Narrower bands
+// skip more of the lower triangle; wider ones keep the products efficient.
+constexpr int64_t kBandRows = 96;
+// Squared row norms outside this range are rescaled before float32 products are formed.
+constexpr double kLargestSafeSquare = 1e30;
+constexpr double kSmallestSafeSquare = 1e-30;
 
+// Rows per chunk for float64 passes over a feature matrix: about 8 MiB at a time.
 int64_t stats_chunk(int64_t d) {
   return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(d, 1));
 }
@@ -47,11 +55,48 @@ Tensor affine_offsets(const Tensor& row_sums, double total, double n, Rule rule)
   return row_sums * slope + intercept;
 }
 
+// The blocks that cover the upper triangle of an n x n Gram, diagonal blocks first.
+struct BlockPlan {
+  std::vector<Block> blocks;
+  int64_t n_diagonal = 0;     // blocks[0, n_diagonal) lie on the diagonal
+  int64_t diagonal_area = 0;  // their total number of entries
+  int64_t area = 0;           // entries of all blocks
+};
+
+// Band height of the whole-layer schedule: about kBandRows, at most `tile`, split evenly so
+// that the last band is not a sliver.
+int64_t whole_layer_band(int64_t n, int64_t tile) {
+  const int64_t target = std::min(kBandRows, tile);
+  const int64_t n_bands = std::max<int64_t>(1, (n + target / 2) / target);
+  return (n + n_bands - 1) / n_bands;
+}
+
+// Bands of `band` rows: each contributes its square diagonal block and the rectangle right of
+// it, so one product per band forms the whole upper triangle.
+BlockPlan band_plan(int64_t n, int64_t band) {
+  BlockPlan plan;
+  for (int64_t i0 = 0; i0 < n; i0 += band) {
+    const int64_t rows = std::min(band, n - i0);
+    plan.blocks.push_back({i0, rows, i0, rows, plan.area});
+    plan.area += rows * rows;
+  }
+  plan.n_diagonal = static_cast<int64_t>(plan.blocks.size());
+  plan.diagonal_area = plan.area;
+  for (int64_t i0 = 0; i0 < n; i0 += band) {
+    const int64_t rows = std::min(band, n - i0);
+    const int64_t cols = n - i0 - rows;
+    if (cols > 0) {
+      plan.blocks.push_back({i0, rows, i0 + rows, cols, plan.area});
+      plan.area += rows * cols;
+    }
+  }
+  return plan;
+}
+
 struct LayerPrep {
   Tensor mean;        // (d,) float64
   Tensor sq_norms;    // (n,) float64, of the centred and scaled rows
   Tensor offsets;     // (n,) float64, centring offsets (cka_math.h)
-  double scale = 1;   // root mean square of the centred features
   double gamma = 0;   // RBF: 1 / (2 sigma^2) in scaled units
   double offset_slope = 0;      // linear, unbiased: offsets = slope * sq_norms + intercept
   double offset_intercept = 0;
@@ -71,6 +116,10 @@ void generic_column_moments(const at::Tensor& x, at::Tensor& sums, at::Tensor& s
     sums.add_(shifted.sum(0));
     sum_squares.add_(shifted.square_().sum(0));
   }
+}
+
+void generic_store_products(const at::Tensor& stores, double weight, at::Tensor& acc) {
+  acc.addmm_(stores, stores.t(), 1.0, weight);
 }
 
 // Tile buffers. On the CPU they are kept per thread between calls, so that large tiles are not
@@ -99,47 +148,13 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
   const auto cdt = compute_type(feats);
   const auto opts = feats[0].options().dtype(cdt);
   const auto opts64 = feats[0].options().dtype(at::kDouble);
-  tile = std::min(tile, n);
-  const int64_t n_tiles = (n + tile - 1) / tile;
-
-  // Per-layer statistics from one float64 pass over x. A NaN or Inf anywhere in a layer shows
-  // up in these sums, so the check costs nothing extra.
-  std::vector<LayerPrep> prep(n_layers);
+  int64_t d_max = 0;
   int64_t width_total = 0;
   for (int64_t l = 0; l < n_layers; ++l) {
-    const Tensor& x = feats[l];
-    const int64_t d = x.size(1);
-    width_total += d;
-    LayerPrep& p = prep[l];
-    Tensor sums = at::empty({d}, opts64);
-    Tensor sum_squares = at::empty({d}, opts64);
-    kernels.column_moments(x, sums, sum_squares);
-    p.mean = x[0].to(at::kDouble) + sums / nd;  // out of place: x may already be float64
-    // sum_i |x_i - mean|^2 from moments about the first row.
-    const double total = (sum_squares - sums.square() / nd).sum().item<double>();
-    TORCH_CHECK_VALUE(std::isfinite(total) && std::isfinite(p.mean.sum().item<double>()),
-                      "feats[", l, "] (layer ", l, ") contains NaN or Inf");
-    const double mean_square = std::max(total, 0.0) / (nd * static_cast<double>(d));
-    p.scale = mean_square > 0 ? std::sqrt(mean_square) : 1.0;
-    p.sq_norms = at::empty({n}, opts64);
-    p.offsets = at::zeros({n}, opts64);
-    if (rbf) {
-      p.gamma = gammas[l] * p.scale * p.scale;
-    } else if (unbiased) {
-      // Centred features have zero column sums, so the off-diagonal row sums of x x^T are
-      // -|x_i|^2 and the U-centring offsets are affine in the row norms (set as rows are
-      // centred, below).
-      const double total_scaled = total / (p.scale * p.scale);
-      p.offset_slope = math::unbiased_offset(0.0, 0.0, nd) - math::unbiased_offset(1.0, 0.0, nd);
-      p.offset_intercept = math::unbiased_offset(0.0, -total_scaled, nd);
-    }
-  }
-  const bool offsets_from_rows = !rbf && unbiased;
-
-  int64_t d_max = 0;
-  for (int64_t l = 0; l < n_layers; ++l) {
     d_max = std::max(d_max, feats[l].size(1));
+    width_total += feats[l].size(1);
   }
+
   // On the CPU, layers are spread over threads when there are at least as many layers as
   // threads, each matrix product then running on one thread; otherwise (few layers, or CUDA)
   // layers go in order and each product uses every thread.
@@ -147,7 +162,6 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
   const bool layer_parallel = feats[0].device().is_cpu() && n_threads > 1 &&
                               n_layers >= n_threads;
   const int64_t n_workers = layer_parallel ? n_threads : 1;
-  Tensor gram_buf = workspace(2, n_workers * tile * tile, opts);
   auto for_each_layer = [&](auto&& body) {
     if (layer_parallel) {
       at::parallel_for(0, n_layers, 1, [&](int64_t begin, int64_t end) {
@@ -162,39 +176,185 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
       }
     }
   };
+  auto check_finite = [](int64_t l, bool finite) {
+    TORCH_CHECK_VALUE(finite, "feats[", l, "] (layer ", l, ") contains NaN or Inf");
+  };
+
   Tensor acc = at::zeros({n_layers, n_layers}, opts64);
+  // Each layer's features are divided by scales[l] before their products are formed.
+  std::vector<double> scales(n_layers, 1.0);
+  // Adds the HSIC sums of the stored blocks (n_layers, area) to acc: diagonal blocks count
+  // once, the others also stand for their transposes.
+  auto add_block_products = [&](const Tensor& stored, const BlockPlan& plan) {
+    RECORD_FUNCTION("critlayers::hsic_products", std::vector<c10::IValue>());
+    kernels.store_products(stored.narrow(1, 0, plan.diagonal_area), 1.0, acc);
+    if (plan.area > plan.diagonal_area) {
+      kernels.store_products(stored.narrow(1, plan.diagonal_area, plan.area - plan.diagonal_area),
+                             2.0, acc);
+    }
+  };
   // Adds this call's sums to out, undoing the per-layer scaling of the linear kernel (a linear
   // Gram scales with the square of the features).
-  auto finish = [&](Tensor& sums) {
+  auto finish = [&]() {
     if (!rbf) {
       std::vector<double> sq_scales(n_layers);
       for (int64_t l = 0; l < n_layers; ++l) {
-        sq_scales[l] = prep[l].scale * prep[l].scale;
+        sq_scales[l] = scales[l] * scales[l];
       }
       Tensor s = at::tensor(sq_scales, at::TensorOptions().dtype(at::kDouble)).to(out.device());
-      sums.mul_(at::outer(s, s));
+      acc.mul_(at::outer(s, s));
     }
-    out.add_(sums, alpha);
+    out.add_(acc, alpha);
   };
+
+  // Whole-layer schedule: the linear kernel, while the centred upper triangles of all layers
+  // fit in kWholeLayerBytes. Each layer is read once: its rows are shifted by its first row
+  // (centred Grams do not change under a shift, and the shift takes a large shared offset out
+  // of the float32 products) while their column sums s are taken, and the mean m = s / n is
+  // appended as an extra row. The upper triangle of the Gram is then formed band by band: one
+  // product per band of rows covers the band's diagonal block, everything right of it, and, in
+  // the extra column, the dots x_i . m from which the centring offsets follow
+  // (cka_math.h: the row sums of the Gram are n x_i . m). Each block is centred as it is read,
+  // into a float64 store; the HSIC of all pairs then comes from two products over the stores.
+  const BlockPlan bands = band_plan(n, whole_layer_band(n, tile));
+  if (!rbf && n_layers * bands.area * 8 <= kWholeLayerBytes) {
+    Tensor rows_buf = workspace(1, n_workers * (n + 1) * d_max, opts);
+    Tensor gram_buf = workspace(2, n_workers * n * (n + 1), opts);
+    Tensor stored = workspace(3, n_layers * bands.area, opts64).view({n_layers, bands.area});
+    std::vector<char> finite(n_layers, 1);
+    for_each_layer([&](int64_t l, int64_t worker) {
+      const Tensor& feat = feats[l];
+      const int64_t d = feat.size(1);
+      Tensor rows = view2d(rows_buf.narrow(0, worker * (n + 1) * d_max, (n + 1) * d_max), n + 1,
+                           d);
+      Tensor x = rows.narrow(0, 0, n);
+      Tensor sq_norms = at::empty({n}, opts64);
+      Tensor col_sums = at::empty({d}, opts64);
+      Tensor shift = feat[0].to(at::kDouble).contiguous();
+      {
+        RECORD_FUNCTION("critlayers::shift_rows", std::vector<c10::IValue>());
+        kernels.centre_rows(feat, 0, n, shift, 1.0, x, sq_norms, col_sums);
+      }
+      const double largest = sq_norms.max().item<double>();
+      if (!std::isfinite(largest)) {
+        finite[l] = 0;
+        return;
+      }
+      if (cdt != at::kDouble && largest > 0 &&
+          (largest > kLargestSafeSquare || largest < kSmallestSafeSquare)) {
+        // Rows far from unit norm: scaled to unit largest norm, so that float32 products
+        // neither overflow nor lose digits to subnormals.
+        scales[l] = std::sqrt(largest);
+        kernels.centre_rows(feat, 0, n, shift, 1.0 / scales[l], x, sq_norms, col_sums);
+      }
+      const Tensor mean = col_sums / nd;
+      rows[n].copy_(mean);
+      Tensor gram = view2d(gram_buf.narrow(0, worker * n * (n + 1), n * (n + 1)), n, n + 1);
+      {
+        RECORD_FUNCTION("critlayers::gram_bands", std::vector<c10::IValue>());
+        for (int64_t b = 0; b < bands.n_diagonal; ++b) {
+          const int64_t i0 = bands.blocks[b].i0;
+          const int64_t band_rows = bands.blocks[b].ti;
+          Tensor band = gram.narrow(0, i0, band_rows).narrow(1, i0, n + 1 - i0);
+          at::mm_out(band, x.narrow(0, i0, band_rows), rows.narrow(0, i0, n + 1 - i0).t());
+        }
+      }
+      RECORD_FUNCTION("critlayers::centre_blocks", std::vector<c10::IValue>());
+      const double mean_sq = mean.dot(mean).item<double>();
+      Tensor store = stored[l];
+      if (kernels.centre_blocks != nullptr) {
+        kernels.centre_blocks(gram, sq_norms, mean_sq, unbiased, bands.blocks, store);
+        return;
+      }
+      // Row sums of the Gram: r_i = n x_i . m, total R = n^2 |m|^2; without the diagonal
+      // (unbiased): r_i - |x_i|^2 and R - sum_i |x_i|^2.
+      const Tensor row_sums = gram.select(1, n).to(at::kDouble) * nd;
+      Tensor offsets;
+      if (unbiased) {
+        offsets = affine_offsets(row_sums - sq_norms,
+                                 nd * nd * mean_sq - sq_norms.sum().item<double>(), nd,
+                                 math::unbiased_offset);
+      } else {
+        offsets = affine_offsets(row_sums, nd * nd * mean_sq, nd, math::biased_offset);
+      }
+      for (const Block& b : bands.blocks) {
+        Tensor values = view2d(store.narrow(0, b.offset, b.ti * b.tj), b.ti, b.tj);
+        kernels.centre_tile(gram.narrow(0, b.i0, b.ti).narrow(1, b.j0, b.tj), false,
+                            sq_norms.narrow(0, b.i0, b.ti), sq_norms.narrow(0, b.j0, b.tj), 0.0,
+                            offsets.narrow(0, b.i0, b.ti), offsets.narrow(0, b.j0, b.tj),
+                            b.i0 - b.j0, unbiased, values);
+      }
+    });
+    for (int64_t l = 0; l < n_layers; ++l) {
+      check_finite(l, finite[l] != 0);
+    }
+    add_block_products(stored, bands);
+    finish();
+    return;
+  }
+
+  // Tile-outer schedule: memory O(n_layers * tile^2 + n_layers * tile * d). Per-layer
+  // statistics come first, from one float64 pass over x; a NaN or Inf anywhere in a layer
+  // shows up in these sums, so the check costs nothing extra.
+  tile = std::min(tile, n);
+  std::vector<LayerPrep> prep(n_layers);
+  for (int64_t l = 0; l < n_layers; ++l) {
+    RECORD_FUNCTION("critlayers::statistics", std::vector<c10::IValue>());
+    const Tensor& x = feats[l];
+    const int64_t d = x.size(1);
+    LayerPrep& p = prep[l];
+    Tensor sums = at::empty({d}, opts64);
+    Tensor sum_squares = at::empty({d}, opts64);
+    kernels.column_moments(x, sums, sum_squares);
+    p.mean = x[0].to(at::kDouble) + sums / nd;  // out of place: x may already be float64
+    // sum_i |x_i - mean|^2 from moments about the first row.
+    const double total = (sum_squares - sums.square() / nd).sum().item<double>();
+    check_finite(l, std::isfinite(total) && std::isfinite(p.mean.sum().item<double>()));
+    const double mean_square = std::max(total, 0.0) / (nd * static_cast<double>(d));
+    scales[l] = mean_square > 0 ? std::sqrt(mean_square) : 1.0;
+    p.sq_norms = at::empty({n}, opts64);
+    p.offsets = at::zeros({n}, opts64);
+    if (rbf) {
+      p.gamma = gammas[l] * scales[l] * scales[l];
+    } else if (unbiased) {
+      // Centred features have zero column sums, so the off-diagonal row sums of x x^T are
+      // -|x_i|^2 and the U-centring offsets are affine in the row norms (set as rows are
+      // centred, below).
+      const double total_scaled = total / (scales[l] * scales[l]);
+      p.offset_slope = math::unbiased_offset(0.0, 0.0, nd) - math::unbiased_offset(1.0, 0.0, nd);
+      p.offset_intercept = math::unbiased_offset(0.0, -total_scaled, nd);
+    }
+  }
+  const bool offsets_from_rows = !rbf && unbiased;
 
   // Centres rows [r0, r0 + rows) of layer l into out, recording their norms (and offsets).
   auto centre = [&](int64_t l, int64_t r0, int64_t rows, Tensor& out) {
+    RECORD_FUNCTION("critlayers::centre_rows", std::vector<c10::IValue>());
     LayerPrep& p = prep[l];
     Tensor sq = p.sq_norms.narrow(0, r0, rows);
-    kernels.centre_rows(feats[l], r0, rows, p.mean, 1.0 / p.scale, out, sq);
+    kernels.centre_rows(feats[l], r0, rows, p.mean, 1.0 / scales[l], out, sq, Tensor());
     if (offsets_from_rows) {
       p.offsets.narrow(0, r0, rows).copy_(sq).mul_(p.offset_slope).add_(p.offset_intercept);
     }
   };
 
-  // Tile-outer schedule: the rows of one tile of every layer are kept centred (rows_i) while
-  // the tiles of its row band are visited; the other tile's rows are centred per worker.
+  // The rows of one tile of every layer are kept centred (rows_i) while the tiles of its row
+  // band are visited; the other tile's rows are centred per worker.
+  Tensor gram_buf = workspace(2, n_workers * tile * tile, opts);
+  Tensor rows_i_buf = workspace(0, tile * width_total, opts);
   std::vector<Tensor> rows_i(n_layers);
-  Tensor rows_j_buf;
+  for (int64_t l = 0, at_elem = 0; l < n_layers; ++l) {
+    const int64_t d = feats[l].size(1);
+    rows_i[l] = rows_i_buf.narrow(0, at_elem, tile * d).view({tile, d});
+    at_elem += tile * d;
+  }
+  Tensor rows_j_buf = workspace(1, n_workers * tile * d_max, opts);
+  Tensor centred = workspace(3, n_layers * tile * tile, opts64).view({n_layers, tile * tile});
 
   // Visits the upper triangle of tiles (i0 <= j0). per_layer(l, i0, ti, j0, tj, gram_tile)
   // gets the dot products of the centred, scaled rows of layer l; after_layers(i0, ti, j0, tj)
   // runs once all layers of the tile are done.
+  const int64_t n_tiles = (n + tile - 1) / tile;
   auto for_each_tile = [&](auto&& per_layer, auto&& after_layers) {
     for (int64_t bi = 0; bi < n_tiles; ++bi) {
       const int64_t i0 = bi * tile;
@@ -222,67 +382,6 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
       }
     }
   };
-
-  // Linear kernel with all centred tiles of all layers fitting in kWholeLayerBytes: each layer
-  // is centred once, whole, and all its tiles are formed while its rows are still in cache; the
-  // HSIC of all pairs then comes from two products over the stored tiles (diagonal tiles count
-  // once, off-diagonal ones twice). Otherwise tiles are visited in the outer loop.
-  std::vector<std::array<int64_t, 5>> tile_pairs;  // i0, ti, j0, tj, offset in a layer's row
-  int64_t diagonal_area = 0;
-  int64_t area = 0;
-  for (int pass = 0; pass < 2; ++pass) {
-    for (int64_t bi = 0; bi < n_tiles; ++bi) {
-      for (int64_t bj = bi; bj < n_tiles; ++bj) {
-        if ((bi == bj) != (pass == 0)) {
-          continue;
-        }
-        const int64_t i0 = bi * tile;
-        const int64_t j0 = bj * tile;
-        const int64_t ti = std::min(tile, n - i0);
-        const int64_t tj = std::min(tile, n - j0);
-        tile_pairs.push_back({i0, ti, j0, tj, area});
-        area += ti * tj;
-      }
-    }
-    if (pass == 0) {
-      diagonal_area = area;
-    }
-  }
-  if (!rbf && n_layers * area * 8 <= kWholeLayerBytes) {
-    Tensor rows_buf = workspace(1, n_workers * n * d_max, opts);
-    Tensor stored = workspace(3, n_layers * area, opts64).view({n_layers, area});
-    for_each_layer([&](int64_t l, int64_t worker) {
-      const int64_t d = feats[l].size(1);
-      Tensor x = view2d(rows_buf.narrow(0, worker * n * d_max, n * d_max), n, d);
-      centre(l, 0, n, x);
-      const LayerPrep& p = prep[l];
-      for (const auto& [i0, ti, j0, tj, offset] : tile_pairs) {
-        Tensor g = view2d(gram_buf.narrow(0, worker * tile * tile, tile * tile), ti, tj);
-        at::mm_out(g, x.narrow(0, i0, ti), x.narrow(0, j0, tj).t());
-        Tensor values = view2d(stored[l].narrow(0, offset, ti * tj), ti, tj);
-        kernels.centre_tile(g, false, p.sq_norms.narrow(0, i0, ti), p.sq_norms.narrow(0, j0, tj),
-                            0.0, p.offsets.narrow(0, i0, ti), p.offsets.narrow(0, j0, tj),
-                            i0 - j0, unbiased, values);
-      }
-    });
-    Tensor diagonal_tiles = stored.narrow(1, 0, diagonal_area);
-    acc.addmm_(diagonal_tiles, diagonal_tiles.t());
-    if (area > diagonal_area) {
-      Tensor off_diagonal_tiles = stored.narrow(1, diagonal_area, area - diagonal_area);
-      acc.addmm_(off_diagonal_tiles, off_diagonal_tiles.t(), 1.0, 2.0);
-    }
-    finish(acc);
-    return;
-  }
-
-  Tensor rows_i_buf = workspace(0, tile * width_total, opts);
-  for (int64_t l = 0, at_elem = 0; l < n_layers; ++l) {
-    const int64_t d = feats[l].size(1);
-    rows_i[l] = rows_i_buf.narrow(0, at_elem, tile * d).view({tile, d});
-    at_elem += tile * d;
-  }
-  rows_j_buf = workspace(1, n_workers * tile * d_max, opts);
-  Tensor centred = workspace(3, n_layers * tile * tile, opts64).view({n_layers, tile * tile});
   if (rbf) {
     // The RBF Gram's row sums are not available from x alone: a first sweep over the tiles
     // accumulates them, and the second sweep recomputes each tile and centres it.
@@ -327,10 +426,9 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
       [&](int64_t i0, int64_t ti, int64_t j0, int64_t tj) {
         // An off-diagonal tile stands for itself and its transpose.
         Tensor block = centred.narrow(1, 0, ti * tj);
-        acc.addmm_(block, block.t(), 1.0, i0 == j0 ? 1.0 : 2.0);
+        kernels.store_products(block, i0 == j0 ? 1.0 : 2.0, acc);
       });
-
-  finish(acc);
+  finish();
 }
 
 at::Tensor gram_pair_hsic(const Kernels& kernels, const at::Tensor& grams_x,
@@ -430,7 +528,7 @@ void feature_moments_accumulate(const Kernels& kernels, at::TensorList feats,
     for (int64_t l = 0; l < n_layers; ++l) {
       centred[l] = at::empty({rows, feats[l].size(1)}, opts);
       Tensor q64 = q_all[l];
-      kernels.centre_rows(feats[l], r0, rows, shifts[l], 1.0, centred[l], q64);
+      kernels.centre_rows(feats[l], r0, rows, shifts[l], 1.0, centred[l], q64, Tensor());
       sq[l] = q64.to(cdt);
       const double chunk_total = q64.sum().item<double>();
       TORCH_CHECK_VALUE(std::isfinite(chunk_total), "feats[", l, "] (layer ", l,

@@ -9,19 +9,27 @@
 
 namespace critlayers {
 
+// A block of the upper triangle of an n x n Gram: rows [i0, i0 + ti), columns [j0, j0 + tj),
+// and where its centred values start in a layer's store.
+struct Block {
+  int64_t i0, ti, j0, tj, offset;
+};
+
 // The element-wise kernels each backend provides. The drivers do the matrix products with
-// ATen (MKL / cuBLAS) and hand every tile to these kernels, so no uncentred Gram is ever
-// stored and no n x n centring matrix exists.
+// ATen (MKL / cuBLAS) and hand each block of a Gram to these kernels straight from its
+// product, so no uncentred Gram is kept and no n x n centring matrix exists.
 struct Kernels {
   // Column statistics of x (n, d), any float dtype and strides, about its first row x_0:
   // sums (d,) float64 = sum_r (x_r - x_0), sum_squares (d,) float64 = sum_r (x_r - x_0)^2.
   // Shifting by a row keeps the variance free of cancellation when the mean is large.
   void (*column_moments)(const at::Tensor& x, at::Tensor& sums, at::Tensor& sum_squares);
   // out (rows, d) = (x[row0 : row0 + rows] - mean) * inv_scale, in out's dtype, and
-  // sq_norms (rows,) float64 = the squared norms of the rows as stored in out.
+  // sq_norms (rows,) float64 = the squared norms of the rows as stored in out; when col_sums
+  // (d,) float64 is defined, it receives the column sums of out.
   // x: (n, d), any float dtype and strides; mean: (d,) float64.
   void (*centre_rows)(const at::Tensor& x, int64_t row0, int64_t rows, const at::Tensor& mean,
-                      double inv_scale, at::Tensor& out, at::Tensor& sq_norms);
+                      double inv_scale, at::Tensor& out, at::Tensor& sq_norms,
+                      const at::Tensor& col_sums);
   // out64 (ti, tj) float64 = centred kernel values of one tile of the Gram.
   // gram: (ti, tj) dot products of centred rows; for the RBF kernel sq_rows (ti,) and
   // sq_cols (tj,) are the rows' squared norms and gamma = 1 / (2 sigma^2). offsets_rows (ti,)
@@ -31,13 +39,30 @@ struct Kernels {
                       const at::Tensor& sq_cols, double gamma, const at::Tensor& offsets_rows,
                       const at::Tensor& offsets_cols, int64_t diagonal_shift, bool unbiased,
                       at::Tensor& out64);
+  // store (area,) float64 = the centred values of every block of the upper triangle of a
+  // shifted layer's Gram, each written row-major from block.offset on. gram (n, n + 1) holds
+  // the blocks' dot products and, in column n, x_i . m with m the mean row; sq_norms (n,)
+  // float64 = |x_i|^2 and mean_sq = |m|^2. The centring offsets follow from these (cka_math.h);
+  // the unbiased estimator zeroes the Gram's diagonal. Optional (nullptr): the engine then
+  // computes the offsets with ATen and calls centre_tile per block.
+  void (*centre_blocks)(const at::Tensor& gram, const at::Tensor& sq_norms, double mean_sq,
+                        bool unbiased, const std::vector<Block>& blocks, at::Tensor& store);
+  // acc (m, m) float64 += weight * stores stores^T, for stores (m, k) float64 with unit
+  // column stride: the HSIC sums of m layers over k stored Gram entries.
+  void (*store_products)(const at::Tensor& stores, double weight, at::Tensor& acc);
 };
 
 // column_moments from ATen operations, for backends where memory bandwidth makes a dedicated
 // kernel unnecessary. Reads x in chunks of rows, so no float64 copy of x exists.
 void generic_column_moments(const at::Tensor& x, at::Tensor& sums, at::Tensor& sum_squares);
 
+// store_products as one ATen matrix product, for backends without a dedicated kernel.
+void generic_store_products(const at::Tensor& stores, double weight, at::Tensor& acc);
+
 const Kernels& cpu_kernels();
+// Makes cpu_kernels() leave out the optional fast paths (as the CUDA half does), so that the
+// engine's generic compositions can be tested on the CPU.
+void use_generic_cpu_kernels(bool generic);
 #ifdef CRITLAYERS_WITH_CUDA
 const Kernels& cuda_kernels();
 #endif

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import critlayers as cl
+from critlayers import _ext
 from critlayers import reference as ref
 from critlayers.testing import DEVICES, FLOAT_DTYPES, as_strided_copy, cka_tolerance, make_layers
 
@@ -156,6 +157,48 @@ def test_large_scale_and_offset_inputs_stay_accurate(device, unbiased):
     got = cl.cka_matrix(big, unbiased=unbiased)
     assert bool(torch.isfinite(got).all())
     torch.testing.assert_close(got.cpu(), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("unbiased", ESTIMATORS)
+@pytest.mark.parametrize("scale", [1e19, 1e-23])
+def test_extreme_float32_scales_are_rescaled(unbiased, scale):
+    # Unscaled, these layers' Gram entries would overflow float32 (1e19) or underflow to
+    # zero (1e-23); the engine rescales such layers before forming their products.
+    feats = make_layers(3, 200, 48, dtype=torch.float64)
+    expected = ref.cka_matrix(feats, unbiased=unbiased)
+    scaled = [(f * scale).float() for f in feats]
+    got = cl.cka_matrix(scaled, unbiased=unbiased, method="gram")
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("unbiased", ESTIMATORS)
+def test_whole_layer_and_tile_schedules_agree_with_reference(unbiased):
+    # 2 layers at n = 3000 exceed the whole-layer schedule's 64 MiB store, so the tile-outer
+    # schedule runs; 2 layers at n = 300 take the whole-layer schedule, in bands of 40 rows.
+    for n, tile in [(3000, 700), (300, 40)]:
+        feats = make_layers(2, n, 12, seed=n)
+        expected = ref.cka_matrix(reference_inputs(feats), unbiased=unbiased)
+        got = cl.cka_matrix(feats, unbiased=unbiased, tile=tile, method="gram")
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+@pytest.fixture
+def generic_cpu_kernels():
+    """The CPU ops without their CPU-only fast paths, composed as the CUDA half runs them."""
+    engine = _ext.load()
+    engine._use_generic_cpu_kernels(True)
+    yield
+    engine._use_generic_cpu_kernels(False)
+
+
+@pytest.mark.parametrize("unbiased", ESTIMATORS)
+def test_generic_compositions_match_reference(generic_cpu_kernels, unbiased):
+    cases = [(make_layers(3, 150, [24, 16, 40]), 40), (make_layers(2, 3000, 12, seed=3), 700),
+             ([(f * 1e19).float() for f in make_layers(2, 120, 20, dtype=torch.float64)], 50)]
+    for feats, tile in cases:
+        expected = ref.cka_matrix(reference_inputs(feats), unbiased=unbiased)
+        got = cl.cka_matrix(feats, unbiased=unbiased, tile=tile, method="gram")
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -1,12 +1,14 @@
-// CPU half of the CKA engine: the element-wise kernels of engine.h and the op registrations
-// for CPU tensors. Matrix products run in MKL through ATen; the loops here are parallelised
-// over rows with at::parallel_for.
+// CPU half of the CKA engine: the kernels of engine.h and the op registrations for CPU
+// tensors. Gram products run in MKL through ATen; the loops here are parallelised with
+// at::parallel_for, or run inline when the engine already spreads layers over threads.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <mutex>
 #include <vector>
 
 #include "../cka_math.h"
@@ -69,13 +71,14 @@ void column_moments_cpu(const Tensor& x, Tensor& sums, Tensor& sum_squares) {
                                   [&] { column_moments_loop<scalar_t>(x, sums, sum_squares); });
 }
 
-// centre_rows: out[r, c] = (x[row0 + r, c] - mean[c]) * inv_scale, sq_norms[r] = sum_c out^2.
-// Each task owns a contiguous range of rows; the shift in float64, the stored value in acc_t,
-// and its square accumulated in float64 over eight independent lanes so that the unit-stride
-// loop vectorises.
+// centre_rows: out[r, c] = (x[row0 + r, c] - mean[c]) * inv_scale, sq_norms[r] = sum_c out^2,
+// and optionally col_sums[c] = sum_r out[r, c]. Each task owns a contiguous range of rows; the
+// shift in float64, the stored value in acc_t, and its square accumulated in float64 over eight
+// independent lanes so that the unit-stride loop vectorises. Column sums go to a per-task
+// float64 vector, added to col_sums under a lock when the task ends.
 template <typename scalar_t, typename acc_t>
 void centre_rows_loop(const Tensor& x, int64_t row0, int64_t rows, const Tensor& mean,
-                      double inv_scale, Tensor& out, Tensor& sq_norms) {
+                      double inv_scale, Tensor& out, Tensor& sq_norms, const Tensor& col_sums) {
   constexpr int64_t kLanes = 8;
   const scalar_t* x_data = x.data_ptr<scalar_t>();
   const double* mean_data = mean.data_ptr<double>();
@@ -86,13 +89,29 @@ void centre_rows_loop(const Tensor& x, int64_t row0, int64_t rows, const Tensor&
   const int64_t x_row_stride = x.stride(0);
   const int64_t x_col_stride = x.stride(1);
   const int64_t out_row_stride = out.stride(0);
+  const bool with_sums = col_sums.defined();
+  std::mutex sums_lock;
+  if (with_sums) {
+    col_sums.zero_();
+  }
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<double> sums(with_sums ? d : 0, 0.0);
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* src = x_data + (row0 + r) * x_row_stride;
       acc_t* dst = out_data + r * out_row_stride;
       double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
       int64_t c = 0;
-      if (x_col_stride == 1) {
+      if (x_col_stride == 1 && with_sums) {
+        double* col = sums.data();
+        for (; c + kLanes <= d; c += kLanes) {
+          for (int64_t k = 0; k < kLanes; ++k) {
+            const acc_t v = math::centred_feature<acc_t>(src[c + k], mean_data[c + k], inv_scale);
+            dst[c + k] = v;
+            lanes[k] += static_cast<double>(v) * static_cast<double>(v);
+            col[c + k] += static_cast<double>(v);
+          }
+        }
+      } else if (x_col_stride == 1) {
         for (; c + kLanes <= d; c += kLanes) {
           for (int64_t k = 0; k < kLanes; ++k) {
             const acc_t v = math::centred_feature<acc_t>(src[c + k], mean_data[c + k], inv_scale);
@@ -106,6 +125,9 @@ void centre_rows_loop(const Tensor& x, int64_t row0, int64_t rows, const Tensor&
             math::centred_feature<acc_t>(src[c * x_col_stride], mean_data[c], inv_scale);
         dst[c] = v;
         lanes[0] += static_cast<double>(v) * static_cast<double>(v);
+        if (with_sums) {
+          sums[c] += static_cast<double>(v);
+        }
       }
       double total = 0.0;
       for (int64_t k = 0; k < kLanes; ++k) {
@@ -113,17 +135,27 @@ void centre_rows_loop(const Tensor& x, int64_t row0, int64_t rows, const Tensor&
       }
       sq_data[r * sq_stride] = total;
     }
+    if (with_sums) {
+      const std::lock_guard<std::mutex> guard(sums_lock);
+      double* total = col_sums.data_ptr<double>();
+      for (int64_t k = 0; k < d; ++k) {
+        total[k] += sums[k];
+      }
+    }
   });
 }
 
 void centre_rows_cpu(const Tensor& x, int64_t row0, int64_t rows, const Tensor& mean,
-                     double inv_scale, Tensor& out, Tensor& sq_norms) {
+                     double inv_scale, Tensor& out, Tensor& sq_norms, const Tensor& col_sums) {
   TORCH_INTERNAL_ASSERT(out.stride(1) == 1 && mean.is_contiguous());
+  TORCH_INTERNAL_ASSERT(!col_sums.defined() || col_sums.is_contiguous());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "centre_rows", [&] {
     if (out.scalar_type() == at::kDouble) {
-      centre_rows_loop<scalar_t, double>(x, row0, rows, mean, inv_scale, out, sq_norms);
+      centre_rows_loop<scalar_t, double>(x, row0, rows, mean, inv_scale, out, sq_norms,
+                                         col_sums);
     } else {
-      centre_rows_loop<scalar_t, float>(x, row0, rows, mean, inv_scale, out, sq_norms);
+      centre_rows_loop<scalar_t, float>(x, row0, rows, mean, inv_scale, out, sq_norms,
+                                        col_sums);
     }
   });
 }
@@ -197,11 +229,145 @@ void centre_tile_cpu(const Tensor& gram, bool rbf, const Tensor& sq_rows, const 
                                   });
 }
 
+// centre_blocks: the offsets first, from the Gram's extra column (cka_math.h), then each task
+// owns whole blocks and writes them row by row, so the store is written once, sequentially,
+// in float64.
+template <typename scalar_t>
+void centre_blocks_loop(const Tensor& gram, const Tensor& sq_norms, double mean_sq,
+                        bool unbiased, const std::vector<Block>& blocks, Tensor& store) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = gram.size(0);
+  const double nd = static_cast<double>(n);
+  const scalar_t* g = gram.data_ptr<scalar_t>();
+  const int64_t row_stride = gram.stride(0);
+  const double* q = sq_norms.data_ptr<double>();
+  // Row sums r_i = n x_i . m and their total n^2 |m|^2; without the diagonal (unbiased),
+  // r_i - |x_i|^2 and the total less sum_i |x_i|^2.
+  std::vector<double> offsets(n);
+  double total = nd * nd * mean_sq;
+  for (int64_t i = 0; i < n; ++i) {
+    offsets[i] = nd * static_cast<double>(g[i * row_stride + n]);
+    if (unbiased) {
+      offsets[i] -= q[i];
+      total -= q[i];
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    offsets[i] = unbiased ? math::unbiased_offset(offsets[i], total, nd)
+                          : math::biased_offset(offsets[i], total, nd);
+  }
+  const double* u = offsets.data();
+  double* out = store.data_ptr<double>();
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const Block& block = blocks[b];
+      for (int64_t r = 0; r < block.ti; ++r) {
+        const int64_t row = block.i0 + r;
+        const scalar_t* g_row = g + row * row_stride + block.j0;
+        const double* u_cols = u + block.j0;
+        double* out_row = out + block.offset + r * block.tj;
+        const double u_r = u[row];
+        for (int64_t c = 0; c < block.tj; ++c) {
+          out_row[c] = math::centred_entry<acc_t>(static_cast<acc_t>(g_row[c]), u_r, u_cols[c],
+                                                  false, false);
+        }
+        const int64_t diag_col = row - block.j0;
+        if (unbiased && diag_col >= 0 && diag_col < block.tj) {
+          out_row[diag_col] = math::centred_entry<acc_t>(acc_t(0), u_r, u_r, true, true);
+        }
+      }
+    }
+  });
+}
+
+void centre_blocks_cpu(const Tensor& gram, const Tensor& sq_norms, double mean_sq, bool unbiased,
+                       const std::vector<Block>& blocks, Tensor& store) {
+  TORCH_INTERNAL_ASSERT(gram.stride(1) == 1 && gram.size(1) == gram.size(0) + 1 &&
+                        sq_norms.is_contiguous() && store.is_contiguous());
+  AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "centre_blocks", [&] {
+    centre_blocks_loop<scalar_t>(gram, sq_norms, mean_sq, unbiased, blocks, store);
+  });
+}
+
+// store_products: acc += weight * S S^T for S (m, k) with m small (layers) and k large (Gram
+// entries), a shape on which BLAS runs far below its peak. Columns are taken in chunks that fit
+// in the L2 cache; per chunk every pair a <= b gets one float64 dot product over 32 lanes
+// (enough independent sums to keep the vector FMA units busy), into a per-task partial sum;
+// the partials are added and mirrored at the end.
+void store_products_cpu(const Tensor& stores, double weight, Tensor& acc) {
+  TORCH_INTERNAL_ASSERT(stores.scalar_type() == at::kDouble && stores.stride(1) == 1 &&
+                        acc.is_contiguous());
+  constexpr int64_t kLanes = 32;
+  constexpr int64_t kChunk = 1024;
+  const int64_t m = stores.size(0);
+  const int64_t k = stores.size(1);
+  const int64_t row_stride = stores.stride(0);
+  const double* s = stores.data_ptr<double>();
+  const int64_t n_chunks = (k + kChunk - 1) / kChunk;
+  const int64_t n_tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_chunks));
+  std::vector<double> partial(n_tasks * m * m, 0.0);
+  at::parallel_for(0, n_tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      double* part = partial.data() + task * m * m;
+      const int64_t chunk_begin = n_chunks * task / n_tasks;
+      const int64_t chunk_end = n_chunks * (task + 1) / n_tasks;
+      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+        const int64_t c0 = chunk * kChunk;
+        const int64_t width = std::min(kChunk, k - c0);
+        for (int64_t a = 0; a < m; ++a) {
+          const double* sa = s + a * row_stride + c0;
+          for (int64_t b = a; b < m; ++b) {
+            const double* sb = s + b * row_stride + c0;
+            double lanes[kLanes] = {};
+            int64_t c = 0;
+            for (; c + kLanes <= width; c += kLanes) {
+              for (int64_t l = 0; l < kLanes; ++l) {
+                lanes[l] += sa[c + l] * sb[c + l];
+              }
+            }
+            for (; c < width; ++c) {
+              lanes[0] += sa[c] * sb[c];
+            }
+            double dot = 0.0;
+            for (int64_t l = 0; l < kLanes; ++l) {
+              dot += lanes[l];
+            }
+            part[a * m + b] += dot;
+          }
+        }
+      }
+    }
+  });
+  double* out = acc.data_ptr<double>();
+  for (int64_t a = 0; a < m; ++a) {
+    for (int64_t b = a; b < m; ++b) {
+      double total = 0.0;
+      for (int64_t task = 0; task < n_tasks; ++task) {
+        total += partial[task * m * m + a * m + b];
+      }
+      out[a * m + b] += weight * total;
+      if (b != a) {
+        out[b * m + a] += weight * total;
+      }
+    }
+  }
+}
+
 }  // namespace
 
+namespace {
+std::atomic<bool> generic_cpu_kernels{false};
+}  // namespace
+
+void use_generic_cpu_kernels(bool generic) { generic_cpu_kernels = generic; }
+
 const Kernels& cpu_kernels() {
-  static const Kernels kernels{&column_moments_cpu, &centre_rows_cpu, &centre_tile_cpu};
-  return kernels;
+  static const Kernels kernels{&column_moments_cpu, &centre_rows_cpu, &centre_tile_cpu,
+                               &centre_blocks_cpu, &store_products_cpu};
+  // Without the optional fast paths, as the CUDA half runs.
+  static const Kernels generic{&column_moments_cpu, &centre_rows_cpu, &centre_tile_cpu, nullptr,
+                               &generic_store_products};
+  return generic_cpu_kernels ? generic : kernels;
 }
 
 TORCH_LIBRARY_IMPL(critlayers, CPU, m) { register_backend_ops<&cpu_kernels>(m); }
