@@ -1,6 +1,6 @@
-// Device-agnostic drivers of the CKA engine. Matrix products go to ATen (MKL on the CPU,
-// cuBLAS on CUDA); every element-wise step goes to the backend's kernels (engine.h), which
-// share their arithmetic through cka_math.h. Each phase shows in torch.profiler as a
+// Device-agnostic drivers of the CKA engine. Gram products and every element-wise step go to
+// the backend's kernels (engine.h), which share their arithmetic through cka_math.h; the other
+// matrix products go to ATen (MKL on the CPU, cuBLAS on CUDA). Each phase shows in torch.profiler as a
 // critlayers:: record.
 #include "engine.h"
 
@@ -116,6 +116,10 @@ void generic_column_moments(const at::Tensor& x, at::Tensor& sums, at::Tensor& s
     sums.add_(shifted.sum(0));
     sum_squares.add_(shifted.square_().sum(0));
   }
+}
+
+void generic_product_nt(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
+  at::mm_out(out, a, b.t());
 }
 
 void generic_store_products(const at::Tensor& stores, double weight, at::Tensor& acc) {
@@ -256,7 +260,7 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
           const int64_t i0 = bands.blocks[b].i0;
           const int64_t band_rows = bands.blocks[b].ti;
           Tensor band = gram.narrow(0, i0, band_rows).narrow(1, i0, n + 1 - i0);
-          at::mm_out(band, x.narrow(0, i0, band_rows), rows.narrow(0, i0, n + 1 - i0).t());
+          kernels.product_nt(x.narrow(0, i0, band_rows), rows.narrow(0, i0, n + 1 - i0), band);
         }
       }
       RECORD_FUNCTION("critlayers::centre_blocks", std::vector<c10::IValue>());
@@ -375,7 +379,7 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
             centre(l, j0, tj, xj);
           }
           Tensor g = view2d(gram_buf.narrow(0, worker * tile * tile, tile * tile), ti, tj);
-          at::mm_out(g, xi, xj.t());
+          kernels.product_nt(xi, xj, g);
           per_layer(l, i0, ti, j0, tj, g);
         });
         after_layers(i0, ti, j0, tj);

@@ -15,10 +15,13 @@ struct Block {
   int64_t i0, ti, j0, tj, offset;
 };
 
-// The element-wise kernels each backend provides. The drivers do the matrix products with
-// ATen (MKL / cuBLAS) and hand each block of a Gram to these kernels straight from its
-// product, so no uncentred Gram is kept and no n x n centring matrix exists.
+// The kernels each backend provides. The drivers form each block of a Gram with product_nt and
+// hand it to the element-wise kernels straight from its product, so no uncentred Gram is kept
+// and no n x n centring matrix exists.
 struct Kernels {
+  // out (m, n) = a (m, k) b (n, k)^T in a's dtype: the Gram products. out may be a view with
+  // unit column stride.
+  void (*product_nt)(const at::Tensor& a, const at::Tensor& b, at::Tensor& out);
   // Column statistics of x (n, d), any float dtype and strides, about its first row x_0:
   // sums (d,) float64 = sum_r (x_r - x_0), sum_squares (d,) float64 = sum_r (x_r - x_0)^2.
   // Shifting by a row keeps the variance free of cancellation when the mean is large.
@@ -56,7 +59,9 @@ struct Kernels {
 // kernel unnecessary. Reads x in chunks of rows, so no float64 copy of x exists.
 void generic_column_moments(const at::Tensor& x, at::Tensor& sums, at::Tensor& sum_squares);
 
-// store_products as one ATen matrix product, for backends without a dedicated kernel.
+// product_nt and store_products as ATen matrix products (MKL, cuBLAS), for backends without
+// dedicated kernels.
+void generic_product_nt(const at::Tensor& a, const at::Tensor& b, at::Tensor& out);
 void generic_store_products(const at::Tensor& stores, double weight, at::Tensor& acc);
 
 const Kernels& cpu_kernels();

@@ -1,14 +1,19 @@
 // CPU half of the CKA engine: the kernels of engine.h and the op registrations for CPU
-// tensors. Gram products run in MKL through ATen; the loops here are parallelised with
-// at::parallel_for, or run inline when the engine already spreads layers over threads.
+// tensors. Gram products run in oneDNN or MKL through torch's ops; the loops here are
+// parallelised with at::parallel_for, or run inline when the engine already spreads layers
+// over threads.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <mutex>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "../cka_math.h"
@@ -24,6 +29,33 @@ using at::Tensor;
 // float64. Each task owns a range of columns and walks every row over it, so a row-major x is
 // read in contiguous segments and no partial sums need merging; the unit-stride loop
 // vectorises.
+// The mkldnn::_linear_pointwise op (X W^T in oneDNN) that torch registers when it is built with
+// oneDNN, when present with the schema this file calls.
+std::optional<c10::OperatorHandle> find_onednn_linear() {
+  auto op = c10::Dispatcher::singleton().findOp(c10::OperatorName("mkldnn::_linear_pointwise", ""));
+  if (!op || !op->hasKernelForDispatchKey(c10::DispatchKey::CPU) ||
+      op->schema().arguments().size() != 6) {
+    return std::nullopt;
+  }
+  return op;
+}
+
+// product_nt: float32 products of rows with unit stride go to oneDNN, whose kernels run the
+// Gram bands and tiles about a fifth faster than MKL's sgemm on the machine of BENCHMARKS.md;
+// both follow torch's float32 matmul precision setting. Everything else goes to at::mm_out.
+void product_nt_cpu(const Tensor& a, const Tensor& b, Tensor& out) {
+  static const std::optional<c10::OperatorHandle> onednn = find_onednn_linear();
+  if (onednn && a.scalar_type() == at::kFloat && a.is_contiguous() && b.is_contiguous() &&
+      a.size(1) > 0) {
+    torch::jit::Stack stack{a, b, c10::IValue(), std::string("none"),
+                            c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+    onednn->callBoxed(&stack);
+    out.copy_(stack.at(0).toTensor());
+    return;
+  }
+  generic_product_nt(a, b, out);
+}
+
 template <typename scalar_t>
 void column_moments_loop(const Tensor& x, Tensor& sums, Tensor& sum_squares) {
   const scalar_t* x_data = x.data_ptr<scalar_t>();
@@ -71,15 +103,48 @@ void column_moments_cpu(const Tensor& x, Tensor& sums, Tensor& sum_squares) {
                                   [&] { column_moments_loop<scalar_t>(x, sums, sum_squares); });
 }
 
+// One unit-stride row of centre_rows: dst = (src - mean) * inv_scale, col += dst when
+// kSums, and the squared norm of dst returned. The pointers do not alias, so the loop
+// vectorises; the squares go to eight independent float64 lanes.
+template <typename scalar_t, typename acc_t, bool kSums>
+double centre_row(const scalar_t* __restrict__ src, const double* __restrict__ mean,
+                  double inv_scale, acc_t* __restrict__ dst, double* __restrict__ col,
+                  int64_t d) {
+  constexpr int64_t kLanes = 8;
+  double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t c = 0;
+  for (; c + kLanes <= d; c += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const acc_t v = math::centred_feature<acc_t>(src[c + k], mean[c + k], inv_scale);
+      dst[c + k] = v;
+      lanes[k] += static_cast<double>(v) * static_cast<double>(v);
+      if constexpr (kSums) {
+        col[c + k] += static_cast<double>(v);
+      }
+    }
+  }
+  for (; c < d; ++c) {
+    const acc_t v = math::centred_feature<acc_t>(src[c], mean[c], inv_scale);
+    dst[c] = v;
+    lanes[0] += static_cast<double>(v) * static_cast<double>(v);
+    if constexpr (kSums) {
+      col[c] += static_cast<double>(v);
+    }
+  }
+  double total = 0.0;
+  for (int64_t k = 0; k < kLanes; ++k) {
+    total += lanes[k];
+  }
+  return total;
+}
+
 // centre_rows: out[r, c] = (x[row0 + r, c] - mean[c]) * inv_scale, sq_norms[r] = sum_c out^2,
 // and optionally col_sums[c] = sum_r out[r, c]. Each task owns a contiguous range of rows; the
-// shift in float64, the stored value in acc_t, and its square accumulated in float64 over eight
-// independent lanes so that the unit-stride loop vectorises. Column sums go to a per-task
-// float64 vector, added to col_sums under a lock when the task ends.
+// shift in float64, the stored value in acc_t, squares and sums in float64. Column sums go to
+// a per-task vector, added to col_sums under a lock when the task ends.
 template <typename scalar_t, typename acc_t>
 void centre_rows_loop(const Tensor& x, int64_t row0, int64_t rows, const Tensor& mean,
                       double inv_scale, Tensor& out, Tensor& sq_norms, const Tensor& col_sums) {
-  constexpr int64_t kLanes = 8;
   const scalar_t* x_data = x.data_ptr<scalar_t>();
   const double* mean_data = mean.data_ptr<double>();
   acc_t* out_data = out.data_ptr<acc_t>();
@@ -99,47 +164,30 @@ void centre_rows_loop(const Tensor& x, int64_t row0, int64_t rows, const Tensor&
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* src = x_data + (row0 + r) * x_row_stride;
       acc_t* dst = out_data + r * out_row_stride;
-      double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int64_t c = 0;
-      if (x_col_stride == 1 && with_sums) {
-        double* col = sums.data();
-        for (; c + kLanes <= d; c += kLanes) {
-          for (int64_t k = 0; k < kLanes; ++k) {
-            const acc_t v = math::centred_feature<acc_t>(src[c + k], mean_data[c + k], inv_scale);
-            dst[c + k] = v;
-            lanes[k] += static_cast<double>(v) * static_cast<double>(v);
-            col[c + k] += static_cast<double>(v);
-          }
-        }
-      } else if (x_col_stride == 1) {
-        for (; c + kLanes <= d; c += kLanes) {
-          for (int64_t k = 0; k < kLanes; ++k) {
-            const acc_t v = math::centred_feature<acc_t>(src[c + k], mean_data[c + k], inv_scale);
-            dst[c + k] = v;
-            lanes[k] += static_cast<double>(v) * static_cast<double>(v);
-          }
-        }
-      }
-      for (; c < d; ++c) {
-        const acc_t v =
-            math::centred_feature<acc_t>(src[c * x_col_stride], mean_data[c], inv_scale);
-        dst[c] = v;
-        lanes[0] += static_cast<double>(v) * static_cast<double>(v);
-        if (with_sums) {
-          sums[c] += static_cast<double>(v);
-        }
-      }
       double total = 0.0;
-      for (int64_t k = 0; k < kLanes; ++k) {
-        total += lanes[k];
+      if (x_col_stride == 1) {
+        total = with_sums ? centre_row<scalar_t, acc_t, true>(src, mean_data, inv_scale, dst,
+                                                               sums.data(), d)
+                          : centre_row<scalar_t, acc_t, false>(src, mean_data, inv_scale, dst,
+                                                                nullptr, d);
+      } else {
+        for (int64_t c = 0; c < d; ++c) {
+          const acc_t v =
+              math::centred_feature<acc_t>(src[c * x_col_stride], mean_data[c], inv_scale);
+          dst[c] = v;
+          total += static_cast<double>(v) * static_cast<double>(v);
+          if (with_sums) {
+            sums[c] += static_cast<double>(v);
+          }
+        }
       }
       sq_data[r * sq_stride] = total;
     }
     if (with_sums) {
       const std::lock_guard<std::mutex> guard(sums_lock);
-      double* total = col_sums.data_ptr<double>();
-      for (int64_t k = 0; k < d; ++k) {
-        total[k] += sums[k];
+      double* all = col_sums.data_ptr<double>();
+      for (int64_t c = 0; c < d; ++c) {
+        all[c] += sums[c];
       }
     }
   });
@@ -362,11 +410,11 @@ std::atomic<bool> generic_cpu_kernels{false};
 void use_generic_cpu_kernels(bool generic) { generic_cpu_kernels = generic; }
 
 const Kernels& cpu_kernels() {
-  static const Kernels kernels{&column_moments_cpu, &centre_rows_cpu, &centre_tile_cpu,
-                               &centre_blocks_cpu, &store_products_cpu};
-  // Without the optional fast paths, as the CUDA half runs.
-  static const Kernels generic{&column_moments_cpu, &centre_rows_cpu, &centre_tile_cpu, nullptr,
-                               &generic_store_products};
+  static const Kernels kernels{&product_nt_cpu,    &column_moments_cpu, &centre_rows_cpu,
+                               &centre_tile_cpu,   &centre_blocks_cpu,  &store_products_cpu};
+  // Without the CPU-only fast paths, composed as the CUDA half runs.
+  static const Kernels generic{&generic_product_nt, &column_moments_cpu, &centre_rows_cpu,
+                               &centre_tile_cpu,    nullptr,             &generic_store_products};
   return generic_cpu_kernels ? generic : kernels;
 }
 

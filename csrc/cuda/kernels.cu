@@ -205,11 +205,10 @@ void centre_tile_cuda(const Tensor& gram, bool rbf, const Tensor& sq_rows, const
 
 }  // namespace
 
-// The column moments are a reduction that reads x once, and the store products are one matrix
-// product: ATen's CUDA reductions and cuBLAS already run them well, so they take the generic
-// implementations. Blocks are centred one centre_tile call at a time.
+// The products go to cuBLAS and the column moments are a reduction that reads x once: ATen
+// already runs them well, so they take the generic implementations. Blocks are centred one centre_tile call at a time.
 const Kernels& cuda_kernels() {
-  static const Kernels kernels{&generic_column_moments, &centre_rows_cuda, &centre_tile_cuda,
+  static const Kernels kernels{&generic_product_nt, &generic_column_moments, &centre_rows_cuda, &centre_tile_cuda,
                                nullptr, &generic_store_products};
   return kernels;
 }
