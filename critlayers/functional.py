@@ -274,7 +274,7 @@ def hsic_matrix(feats, feats_y=None, *, kernel: str = "linear", unbiased: bool =
         method: ``'gram'`` (tiled n x n form), ``'feature'`` (d x d form, linear only) or
             ``'auto'`` (the one with fewer operations).
         tile: largest block edge of the Gram form (default: about 256; the whole-layer
-            schedule uses bands of at most about 96 rows).
+            schedule uses bands of about 64 rows at most).
 
     Returns:
         :class:`HSIC` with ``xy`` (n_x, n_y), ``xx`` (n_x,), ``yy`` (n_y,), float64, on the

@@ -32,7 +32,7 @@ at::ScalarType compute_type(at::TensorList feats) {
 constexpr int64_t kWholeLayerBytes = int64_t{64} << 20;
 // Rows of one band of the whole-layer schedule, before bands are evened out. Narrower bands
 // skip more of the lower triangle; wider ones keep the products efficient.
-constexpr int64_t kBandRows = 96;
+constexpr int64_t kBandRows = 64;
 // Squared row norms outside this range are rescaled before float32 products are formed.
 constexpr double kLargestSafeSquare = 1e30;
 constexpr double kSmallestSafeSquare = 1e-30;
