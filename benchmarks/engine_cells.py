@@ -4,6 +4,10 @@ Implementations, all computing the all-pairs CKA matrix of one workload:
 
 * ``critlayers``: :func:`critlayers.cka_matrix` (biased or unbiased);
 * ``floor``: the n_layers Gram products ``x @ x.T`` alone, which any Gram-based method pays;
+* ``floor-onednn``: the same products through torch's oneDNN linear op, the library the engine
+  itself uses for its CPU float32 products when torch has it (on some CPUs faster than the
+  BLAS behind ``x @ x.T``), so that the engine's gain over the floor can be told apart from the
+  choice of library;
 * ``stacked``: the stacked-Gram formulation used by pytorch-cka: all Grams (n_layers, n, n)
   in float32, U-centred, flattened, one matrix product for all HSIC pairs;
 * ``authors``: the pattern of the paper's code: one call per layer pair, each recomputing both
@@ -77,11 +81,15 @@ def run(impl: str, feats: list[torch.Tensor], unbiased: bool):
         return cl.cka_matrix(feats, unbiased=unbiased)
     if impl == "floor":
         return [x @ x.T for x in feats]
+    if impl == "floor-onednn":
+        linear = torch.ops.mkldnn._linear_pointwise
+        return [linear(x, x, None, "none", [], None) for x in feats]
     if impl == "stacked":
         return stacked_gram_cka(feats, unbiased)
     if impl == "authors":
         return authors_cka(feats)
-    raise ValueError(f"run: impl must be critlayers, floor, stacked or authors, got {impl!r}")
+    raise ValueError(f"run: impl must be critlayers, floor, floor-onednn, stacked or authors, "
+                     f"got {impl!r}")
 
 
 def reference_layers(n_layers: int, n: int) -> list[int]:

@@ -37,8 +37,8 @@ int64_t check_feats(const char* op, at::TensorList feats) {
                       " rows but feats[0] has ", n, "; every layer needs the same examples");
     TORCH_CHECK_VALUE(x.size(1) > 0, op, ": feats[", l, "] has no features (shape ", x.sizes(),
                       ")");
-    TORCH_CHECK_VALUE(x.device() == feats[0].device(), op, ": feats[", l, "] is on ",
-                      x.device(), " but feats[0] is on ", feats[0].device());
+    TORCH_CHECK_VALUE(x.device() == feats[0].device(), op, ": feats[", l, "] is on ", x.device(),
+                      " but feats[0] is on ", feats[0].device());
   }
   return n;
 }
@@ -79,9 +79,9 @@ namespace ops {
 at::Tensor gram_hsic(const Kernels& kernels, at::TensorList feats, c10::string_view kernel,
                      at::ArrayRef<double> gammas, bool unbiased, int64_t tile) {
   const int64_t n_layers = static_cast<int64_t>(feats.size());
-  Tensor out = at::zeros({n_layers, n_layers},
-                         feats.empty() ? at::TensorOptions().dtype(at::kDouble)
-                                       : feats[0].options().dtype(at::kDouble));
+  Tensor out =
+      at::zeros({n_layers, n_layers}, feats.empty() ? at::TensorOptions().dtype(at::kDouble)
+                                                    : feats[0].options().dtype(at::kDouble));
   gram_hsic_accumulate(kernels, out, feats, kernel, gammas, unbiased, tile, 1.0);
   return out;
 }
@@ -95,14 +95,14 @@ void gram_hsic_accumulate(const Kernels& kernels, const at::Tensor& out, at::Ten
   check_kernel(op, kernel, gammas, feats.size());
   TORCH_CHECK_VALUE(tile > 0, op, ": tile must be positive, got ", tile);
   const int64_t n_layers = static_cast<int64_t>(feats.size());
-  TORCH_CHECK_VALUE(out.scalar_type() == at::kDouble && out.dim() == 2 &&
-                        out.size(0) == n_layers && out.size(1) == n_layers,
-                    op, ": out must be a float64 (", n_layers, ", ", n_layers,
-                    ") tensor, got ", out.scalar_type(), " of shape ", out.sizes());
+  TORCH_CHECK_VALUE(out.scalar_type() == at::kDouble && out.dim() == 2 && out.size(0) == n_layers &&
+                        out.size(1) == n_layers,
+                    op, ": out must be a float64 (", n_layers, ", ", n_layers, ") tensor, got ",
+                    out.scalar_type(), " of shape ", out.sizes());
   TORCH_CHECK_VALUE(out.device() == feats[0].device(), op, ": out is on ", out.device(),
                     " but feats are on ", feats[0].device());
-  critlayers::gram_hsic_accumulate(kernels, out, feats, std::string(kernel), gammas, unbiased,
-                                   tile, alpha);
+  critlayers::gram_hsic_accumulate(kernels, out, feats, std::string(kernel), gammas, unbiased, tile,
+                                   alpha);
 }
 
 at::Tensor gram_pair_hsic(const Kernels& kernels, const at::Tensor& grams_x,
@@ -110,10 +110,10 @@ at::Tensor gram_pair_hsic(const Kernels& kernels, const at::Tensor& grams_x,
   const char* op = "critlayers::gram_pair_hsic";
   check_stacked_grams(op, "grams_x", grams_x);
   check_stacked_grams(op, "grams_y", grams_y);
-  TORCH_CHECK_VALUE(grams_x.size(1) == grams_y.size(1), op, ": grams_x has n = ",
-                    grams_x.size(1), " but grams_y has n = ", grams_y.size(1));
-  TORCH_CHECK_VALUE(grams_x.device() == grams_y.device(), op, ": grams_x is on ",
-                    grams_x.device(), " but grams_y is on ", grams_y.device());
+  TORCH_CHECK_VALUE(grams_x.size(1) == grams_y.size(1), op, ": grams_x has n = ", grams_x.size(1),
+                    " but grams_y has n = ", grams_y.size(1));
+  TORCH_CHECK_VALUE(grams_x.device() == grams_y.device(), op, ": grams_x is on ", grams_x.device(),
+                    " but grams_y is on ", grams_y.device());
   TORCH_CHECK_VALUE(block_rows > 0, op, ": block_rows must be positive, got ", block_rows);
   check_n(op, grams_x.size(1), unbiased);
   return critlayers::gram_pair_hsic(kernels, grams_x, grams_y, unbiased,
@@ -124,17 +124,16 @@ at::Tensor center_gram(const Kernels& kernels, const at::Tensor& gram, bool unbi
   const char* op = "critlayers::center_gram";
   TORCH_CHECK_VALUE(gram.dim() == 2 && gram.size(0) == gram.size(1), op,
                     ": gram must be square (n, n), got shape ", gram.sizes());
-  TORCH_CHECK_VALUE(is_float(gram), op, ": gram must be floating point, got ",
-                    gram.scalar_type());
+  TORCH_CHECK_VALUE(is_float(gram), op, ": gram must be floating point, got ", gram.scalar_type());
   check_n(op, gram.size(0), unbiased);
   return critlayers::center_gram(kernels, gram, unbiased);
 }
 
-void feature_moments_accumulate(const Kernels& kernels, at::TensorList feats,
-                                at::TensorList shifts, at::IntArrayRef pair_a,
-                                at::IntArrayRef pair_b, at::TensorList cross, at::TensorList va,
-                                at::TensorList vb, at::TensorList colsum, const at::Tensor& qq,
-                                const at::Tensor& qsum, int64_t chunk_rows) {
+void feature_moments_accumulate(const Kernels& kernels, at::TensorList feats, at::TensorList shifts,
+                                at::IntArrayRef pair_a, at::IntArrayRef pair_b,
+                                at::TensorList cross, at::TensorList va, at::TensorList vb,
+                                at::TensorList colsum, const at::Tensor& qq, const at::Tensor& qsum,
+                                int64_t chunk_rows) {
   const char* op = "critlayers::feature_moments_accumulate";
   check_feats(op, feats);
   const int64_t n_layers = static_cast<int64_t>(feats.size());
@@ -142,15 +141,15 @@ void feature_moments_accumulate(const Kernels& kernels, at::TensorList feats,
                     ": shifts and colsum need one entry per layer (", n_layers, "), got ",
                     shifts.size(), " and ", colsum.size());
   const size_t n_pairs = pair_a.size();
-  TORCH_CHECK_VALUE(pair_b.size() == n_pairs && cross.size() == n_pairs &&
-                        va.size() == n_pairs && vb.size() == n_pairs,
+  TORCH_CHECK_VALUE(pair_b.size() == n_pairs && cross.size() == n_pairs && va.size() == n_pairs &&
+                        vb.size() == n_pairs,
                     op, ": pair_a, pair_b, cross, va and vb must have the same length, got ",
-                    pair_a.size(), ", ", pair_b.size(), ", ", cross.size(), ", ", va.size(),
-                    ", ", vb.size());
+                    pair_a.size(), ", ", pair_b.size(), ", ", cross.size(), ", ", va.size(), ", ",
+                    vb.size());
   TORCH_CHECK_VALUE(chunk_rows > 0, op, ": chunk_rows must be positive, got ", chunk_rows);
   auto check_state = [&](const char* arg, size_t i, const Tensor& t, at::IntArrayRef shape) {
-    TORCH_CHECK_VALUE(t.scalar_type() == at::kDouble && t.sizes() == shape &&
-                          t.is_contiguous() && t.device() == feats[0].device(),
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kDouble && t.sizes() == shape && t.is_contiguous() &&
+                          t.device() == feats[0].device(),
                       op, ": ", arg, "[", i, "] must be a contiguous float64 tensor of shape ",
                       shape, " on ", feats[0].device(), ", got ", t.scalar_type(), " of shape ",
                       t.sizes(), " on ", t.device());
@@ -160,10 +159,10 @@ void feature_moments_accumulate(const Kernels& kernels, at::TensorList feats,
     check_state("colsum", l, colsum[l], {feats[l].size(1)});
   }
   for (size_t p = 0; p < n_pairs; ++p) {
-    TORCH_CHECK_VALUE(pair_a[p] >= 0 && pair_a[p] < n_layers && pair_b[p] >= 0 &&
-                          pair_b[p] < n_layers,
-                      op, ": pair ", p, " = (", pair_a[p], ", ", pair_b[p],
-                      ") is out of range for ", n_layers, " layers");
+    TORCH_CHECK_VALUE(
+        pair_a[p] >= 0 && pair_a[p] < n_layers && pair_b[p] >= 0 && pair_b[p] < n_layers, op,
+        ": pair ", p, " = (", pair_a[p], ", ", pair_b[p], ") is out of range for ", n_layers,
+        " layers");
     const int64_t da = feats[pair_a[p]].size(1);
     const int64_t db = feats[pair_b[p]].size(1);
     check_state("cross", p, cross[p], {da, db});
@@ -210,6 +209,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
       },
       "Whether the CUDA half of the engine was compiled into this module.");
+  m.def("cpu_product_backend", &critlayers::cpu_product_backend,
+        "Where the CPU half's float32 Gram products run: 'onednn' or 'aten' (torch's BLAS).");
   m.def("_use_generic_cpu_kernels", &critlayers::use_generic_cpu_kernels, pybind11::arg("generic"),
         "Testing aid: run CPU ops without the CPU-only fast paths, as the CUDA half runs them.");
 }

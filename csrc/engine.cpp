@@ -1,7 +1,7 @@
 // Device-agnostic drivers of the CKA engine. Gram products and every element-wise step go to
 // the backend's kernels (engine.h), which share their arithmetic through cka_math.h; the other
-// matrix products go to ATen (MKL on the CPU, cuBLAS on CUDA). Each phase shows in torch.profiler as a
-// critlayers:: record.
+// matrix products go to ATen (MKL on the CPU, cuBLAS on CUDA). Each phase shows in torch.profiler
+// as a critlayers:: record.
 #include "engine.h"
 
 #include <ATen/Parallel.h>
@@ -94,11 +94,11 @@ BlockPlan band_plan(int64_t n, int64_t band) {
 }
 
 struct LayerPrep {
-  Tensor mean;        // (d,) float64
-  Tensor sq_norms;    // (n,) float64, of the centred and scaled rows
-  Tensor offsets;     // (n,) float64, centring offsets (cka_math.h)
-  double gamma = 0;   // RBF: 1 / (2 sigma^2) in scaled units
-  double offset_slope = 0;      // linear, unbiased: offsets = slope * sq_norms + intercept
+  Tensor mean;              // (d,) float64
+  Tensor sq_norms;          // (n,) float64, of the centred and scaled rows
+  Tensor offsets;           // (n,) float64, centring offsets (cka_math.h)
+  double gamma = 0;         // RBF: 1 / (2 sigma^2) in scaled units
+  double offset_slope = 0;  // linear, unbiased: offsets = slope * sq_norms + intercept
   double offset_intercept = 0;
 };
 
@@ -163,8 +163,7 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
   // threads, each matrix product then running on one thread; otherwise (few layers, or CUDA)
   // layers go in order and each product uses every thread.
   const int64_t n_threads = at::get_num_threads();
-  const bool layer_parallel = feats[0].device().is_cpu() && n_threads > 1 &&
-                              n_layers >= n_threads;
+  const bool layer_parallel = feats[0].device().is_cpu() && n_threads > 1 && n_layers >= n_threads;
   const int64_t n_workers = layer_parallel ? n_threads : 1;
   auto for_each_layer = [&](auto&& body) {
     if (layer_parallel) {
@@ -229,8 +228,7 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
     for_each_layer([&](int64_t l, int64_t worker) {
       const Tensor& feat = feats[l];
       const int64_t d = feat.size(1);
-      Tensor rows = view2d(rows_buf.narrow(0, worker * (n + 1) * d_max, (n + 1) * d_max), n + 1,
-                           d);
+      Tensor rows = view2d(rows_buf.narrow(0, worker * (n + 1) * d_max, (n + 1) * d_max), n + 1, d);
       Tensor x = rows.narrow(0, 0, n);
       Tensor sq_norms = at::empty({n}, opts64);
       Tensor col_sums = at::empty({d}, opts64);
@@ -275,9 +273,9 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
       const Tensor row_sums = gram.select(1, n).to(at::kDouble) * nd;
       Tensor offsets;
       if (unbiased) {
-        offsets = affine_offsets(row_sums - sq_norms,
-                                 nd * nd * mean_sq - sq_norms.sum().item<double>(), nd,
-                                 math::unbiased_offset);
+        offsets =
+            affine_offsets(row_sums - sq_norms, nd * nd * mean_sq - sq_norms.sum().item<double>(),
+                           nd, math::unbiased_offset);
       } else {
         offsets = affine_offsets(row_sums, nd * nd * mean_sq, nd, math::biased_offset);
       }
@@ -398,8 +396,8 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
           Tensor values = view2d(centred[l], ti, tj);
           kernels.centre_tile(g, true, prep[l].sq_norms.narrow(0, i0, ti),
                               prep[l].sq_norms.narrow(0, j0, tj), prep[l].gamma,
-                              prep[l].offsets.narrow(0, i0, ti), prep[l].offsets.narrow(0, j0, tj), i0 - j0,
-                              false, values);
+                              prep[l].offsets.narrow(0, i0, ti), prep[l].offsets.narrow(0, j0, tj),
+                              i0 - j0, false, values);
           row_sums[l].narrow(0, i0, ti).add_(values.sum(1));
           if (j0 != i0) {
             row_sums[l].narrow(0, j0, tj).add_(values.sum(0));
@@ -410,11 +408,11 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
       if (unbiased) {
         // The diagonal of an RBF Gram is exp(0) = 1.
         Tensor off_diag = row_sums[l] - 1.0;
-        prep[l].offsets = affine_offsets(off_diag, off_diag.sum().item<double>(), nd,
-                                         math::unbiased_offset);
+        prep[l].offsets =
+            affine_offsets(off_diag, off_diag.sum().item<double>(), nd, math::unbiased_offset);
       } else {
-        prep[l].offsets = affine_offsets(row_sums[l], row_sums[l].sum().item<double>(), nd,
-                                         math::biased_offset);
+        prep[l].offsets =
+            affine_offsets(row_sums[l], row_sums[l].sum().item<double>(), nd, math::biased_offset);
       }
     }
   }
@@ -478,8 +476,7 @@ at::Tensor gram_pair_hsic(const Kernels& kernels, const at::Tensor& grams_x,
       for (int64_t a = 0; a < grams.size(0); ++a) {
         Tensor dst = view2d(buf[a], rows, n);
         kernels.centre_tile(grams[a].narrow(0, r0, rows), false, empty_sq, empty_sq, 0.0,
-                            offs[a].first.narrow(0, r0, rows), offs[a].second, r0, unbiased,
-                            dst);
+                            offs[a].first.narrow(0, r0, rows), offs[a].second, r0, unbiased, dst);
       }
     };
     fill(grams_x, off_x, bx);
@@ -515,11 +512,11 @@ at::Tensor center_gram(const Kernels& kernels, const at::Tensor& gram, bool unbi
   return out;
 }
 
-void feature_moments_accumulate(const Kernels& kernels, at::TensorList feats,
-                                at::TensorList shifts, at::IntArrayRef pair_a,
-                                at::IntArrayRef pair_b, at::TensorList cross, at::TensorList va,
-                                at::TensorList vb, at::TensorList colsum, const at::Tensor& qq,
-                                const at::Tensor& qsum, int64_t chunk_rows) {
+void feature_moments_accumulate(const Kernels& kernels, at::TensorList feats, at::TensorList shifts,
+                                at::IntArrayRef pair_a, at::IntArrayRef pair_b,
+                                at::TensorList cross, at::TensorList va, at::TensorList vb,
+                                at::TensorList colsum, const at::Tensor& qq, const at::Tensor& qsum,
+                                int64_t chunk_rows) {
   const int64_t n_layers = static_cast<int64_t>(feats.size());
   const int64_t n = feats[0].size(0);
   const auto cdt = compute_type(feats);

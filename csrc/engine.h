@@ -68,6 +68,9 @@ const Kernels& cpu_kernels();
 // Makes cpu_kernels() leave out the optional fast paths (as the CUDA half does), so that the
 // engine's generic compositions can be tested on the CPU.
 void use_generic_cpu_kernels(bool generic);
+// Where the CPU half's float32 Gram products run: "onednn" (torch's oneDNN linear op) or "aten"
+// (at::mm_out, i.e. MKL or the BLAS torch was built with).
+const char* cpu_product_backend();
 #ifdef CRITLAYERS_WITH_CUDA
 const Kernels& cuda_kernels();
 #endif
@@ -93,10 +96,10 @@ at::Tensor center_gram(const Kernels& kernels, const at::Tensor& gram, bool unbi
 //   vb[p]    += x_hat_b^T q_a          (d_b,)
 // and for every layer l: colsum[l] += sum of rows of x_hat_l; qsum[l] += sum of q_l;
 // qq (n_layers, n_layers) += Q^T Q with Q = [q_0 ... q_{n_layers - 1}]. All state float64.
-void feature_moments_accumulate(const Kernels& kernels, at::TensorList feats,
-                                at::TensorList shifts, at::IntArrayRef pair_a,
-                                at::IntArrayRef pair_b, at::TensorList cross, at::TensorList va,
-                                at::TensorList vb, at::TensorList colsum, const at::Tensor& qq,
-                                const at::Tensor& qsum, int64_t chunk_rows);
+void feature_moments_accumulate(const Kernels& kernels, at::TensorList feats, at::TensorList shifts,
+                                at::IntArrayRef pair_a, at::IntArrayRef pair_b,
+                                at::TensorList cross, at::TensorList va, at::TensorList vb,
+                                at::TensorList colsum, const at::Tensor& qq, const at::Tensor& qsum,
+                                int64_t chunk_rows);
 
 }  // namespace critlayers

@@ -182,6 +182,13 @@ def test_whole_layer_and_tile_schedules_agree_with_reference(unbiased):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
+def test_cpu_gram_products_run_in_onednn_when_torch_has_it():
+    # The oneDNN linear op is looked up by name and argument types at run time; a torch whose
+    # op changed must fall back to at::mm_out rather than fail, and one that has it must use it.
+    expected = "onednn" if torch.backends.mkldnn.is_available() else "aten"
+    assert _ext.load().cpu_product_backend() == expected
+
+
 @pytest.fixture
 def generic_cpu_kernels():
     """The CPU ops without their CPU-only fast paths, composed as the CUDA half runs them."""

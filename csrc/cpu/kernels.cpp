@@ -25,30 +25,44 @@ namespace {
 
 using at::Tensor;
 
-// column_moments: sums[c] = sum_r (x[r, c] - x[0, c]), sum_squares[c] = sum_r (...)^2,
-// float64. Each task owns a range of columns and walks every row over it, so a row-major x is
-// read in contiguous segments and no partial sums need merging; the unit-stride loop
-// vectorises.
 // The mkldnn::_linear_pointwise op (X W^T in oneDNN) that torch registers when it is built with
-// oneDNN, when present with the schema this file calls.
+// oneDNN, when present with the argument types product_nt_cpu passes:
+// (Tensor X, Tensor W, Tensor? B, str attr, Scalar?[] scalars, str? algorithm) -> Tensor.
+// Any other torch gets std::nullopt, and the products go to at::mm_out.
 std::optional<c10::OperatorHandle> find_onednn_linear() {
   auto op = c10::Dispatcher::singleton().findOp(c10::OperatorName("mkldnn::_linear_pointwise", ""));
-  if (!op || !op->hasKernelForDispatchKey(c10::DispatchKey::CPU) ||
-      op->schema().arguments().size() != 6) {
+  if (!op || !op->hasKernelForDispatchKey(c10::DispatchKey::CPU)) {
     return std::nullopt;
+  }
+  const auto& schema = op->schema();
+  const std::vector<std::string> expected{"Tensor", "Tensor",    "Tensor?",
+                                          "str",    "Scalar?[]", "str?"};
+  if (schema.arguments().size() != expected.size() || schema.returns().size() != 1) {
+    return std::nullopt;
+  }
+  for (size_t i = 0; i < expected.size(); ++i) {
+    if (schema.arguments()[i].type()->str() != expected[i]) {
+      return std::nullopt;
+    }
   }
   return op;
 }
 
+const std::optional<c10::OperatorHandle>& onednn_linear() {
+  static const std::optional<c10::OperatorHandle> op = find_onednn_linear();
+  return op;
+}
+
 // product_nt: float32 products of rows with unit stride go to oneDNN, whose kernels run the
-// Gram bands and tiles about a fifth faster than MKL's sgemm on the machine of BENCHMARKS.md;
+// Gram bands and tiles 10-20 % faster than torch's BLAS (MKL) on the machine of BENCHMARKS.md;
 // both follow torch's float32 matmul precision setting. Everything else goes to at::mm_out.
 void product_nt_cpu(const Tensor& a, const Tensor& b, Tensor& out) {
-  static const std::optional<c10::OperatorHandle> onednn = find_onednn_linear();
+  const std::optional<c10::OperatorHandle>& onednn = onednn_linear();
   if (onednn && a.scalar_type() == at::kFloat && a.is_contiguous() && b.is_contiguous() &&
       a.size(1) > 0) {
-    torch::jit::Stack stack{a, b, c10::IValue(), std::string("none"),
-                            c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+    torch::jit::Stack stack;
+    torch::jit::push(stack, a, b, c10::IValue(), std::string("none"),
+                     c10::List<std::optional<at::Scalar>>(), c10::IValue());
     onednn->callBoxed(&stack);
     out.copy_(stack.at(0).toTensor());
     return;
@@ -56,6 +70,10 @@ void product_nt_cpu(const Tensor& a, const Tensor& b, Tensor& out) {
   generic_product_nt(a, b, out);
 }
 
+// column_moments: sums[c] = sum_r (x[r, c] - x[0, c]), sum_squares[c] = sum_r (...)^2,
+// float64. Each task owns a range of columns and walks every row over it, so a row-major x is
+// read in contiguous segments and no partial sums need merging; the unit-stride loop
+// vectorises.
 template <typename scalar_t>
 void column_moments_loop(const Tensor& x, Tensor& sums, Tensor& sum_squares) {
   const scalar_t* x_data = x.data_ptr<scalar_t>();
@@ -108,8 +126,7 @@ void column_moments_cpu(const Tensor& x, Tensor& sums, Tensor& sum_squares) {
 // vectorises; the squares go to eight independent float64 lanes.
 template <typename scalar_t, typename acc_t, bool kSums>
 double centre_row(const scalar_t* __restrict__ src, const double* __restrict__ mean,
-                  double inv_scale, acc_t* __restrict__ dst, double* __restrict__ col,
-                  int64_t d) {
+                  double inv_scale, acc_t* __restrict__ dst, double* __restrict__ col, int64_t d) {
   constexpr int64_t kLanes = 8;
   double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t c = 0;
@@ -166,10 +183,10 @@ void centre_rows_loop(const Tensor& x, int64_t row0, int64_t rows, const Tensor&
       acc_t* dst = out_data + r * out_row_stride;
       double total = 0.0;
       if (x_col_stride == 1) {
-        total = with_sums ? centre_row<scalar_t, acc_t, true>(src, mean_data, inv_scale, dst,
-                                                               sums.data(), d)
-                          : centre_row<scalar_t, acc_t, false>(src, mean_data, inv_scale, dst,
-                                                                nullptr, d);
+        total =
+            with_sums
+                ? centre_row<scalar_t, acc_t, true>(src, mean_data, inv_scale, dst, sums.data(), d)
+                : centre_row<scalar_t, acc_t, false>(src, mean_data, inv_scale, dst, nullptr, d);
       } else {
         for (int64_t c = 0; c < d; ++c) {
           const acc_t v =
@@ -199,11 +216,9 @@ void centre_rows_cpu(const Tensor& x, int64_t row0, int64_t rows, const Tensor& 
   TORCH_INTERNAL_ASSERT(!col_sums.defined() || col_sums.is_contiguous());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "centre_rows", [&] {
     if (out.scalar_type() == at::kDouble) {
-      centre_rows_loop<scalar_t, double>(x, row0, rows, mean, inv_scale, out, sq_norms,
-                                         col_sums);
+      centre_rows_loop<scalar_t, double>(x, row0, rows, mean, inv_scale, out, sq_norms, col_sums);
     } else {
-      centre_rows_loop<scalar_t, float>(x, row0, rows, mean, inv_scale, out, sq_norms,
-                                        col_sums);
+      centre_rows_loop<scalar_t, float>(x, row0, rows, mean, inv_scale, out, sq_norms, col_sums);
     }
   });
 }
@@ -239,10 +254,10 @@ void centre_tile_loop(const Tensor& gram, bool rbf, const Tensor& sq_rows, const
       if (rbf) {
         const acc_t q_r = static_cast<acc_t>(q_rows[r]);
         for (int64_t c = 0; c < tj; ++c) {
-          const acc_t d2 = c == diag_col ? acc_t(0)
-                                         : math::sq_distance<acc_t>(
-                                               q_r, static_cast<acc_t>(q_cols[c]),
-                                               static_cast<acc_t>(g_row[c * g_col_stride]));
+          const acc_t d2 =
+              c == diag_col ? acc_t(0)
+                            : math::sq_distance<acc_t>(q_r, static_cast<acc_t>(q_cols[c]),
+                                                       static_cast<acc_t>(g_row[c * g_col_stride]));
           out_row[c] = math::centred_entry<acc_t>(math::rbf_value<acc_t>(d2, gamma_acc), u_r,
                                                   u_cols[c], c == diag_col, unbiased);
         }
@@ -253,8 +268,8 @@ void centre_tile_loop(const Tensor& gram, bool rbf, const Tensor& sq_rows, const
         }
       } else {
         for (int64_t c = 0; c < tj; ++c) {
-          out_row[c] = math::centred_entry<acc_t>(static_cast<acc_t>(g_row[c * g_col_stride]),
-                                                  u_r, u_cols[c], false, false);
+          out_row[c] = math::centred_entry<acc_t>(static_cast<acc_t>(g_row[c * g_col_stride]), u_r,
+                                                  u_cols[c], false, false);
         }
       }
       if (!rbf && unbiased && diag_col >= 0 && diag_col < tj) {
@@ -269,20 +284,18 @@ void centre_tile_cpu(const Tensor& gram, bool rbf, const Tensor& sq_rows, const 
                      int64_t diagonal_shift, bool unbiased, Tensor& out64) {
   TORCH_INTERNAL_ASSERT(out64.stride(1) == 1 && offsets_rows.is_contiguous() &&
                         offsets_cols.is_contiguous());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gram.scalar_type(), "centre_tile",
-                                  [&] {
-                                    centre_tile_loop<scalar_t>(gram, rbf, sq_rows, sq_cols, gamma,
-                                                               offsets_rows, offsets_cols,
-                                                               diagonal_shift, unbiased, out64);
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gram.scalar_type(), "centre_tile", [&] {
+    centre_tile_loop<scalar_t>(gram, rbf, sq_rows, sq_cols, gamma, offsets_rows, offsets_cols,
+                               diagonal_shift, unbiased, out64);
+  });
 }
 
 // centre_blocks: the offsets first, from the Gram's extra column (cka_math.h), then each task
 // owns whole blocks and writes them row by row, so the store is written once, sequentially,
 // in float64.
 template <typename scalar_t>
-void centre_blocks_loop(const Tensor& gram, const Tensor& sq_norms, double mean_sq,
-                        bool unbiased, const std::vector<Block>& blocks, Tensor& store) {
+void centre_blocks_loop(const Tensor& gram, const Tensor& sq_norms, double mean_sq, bool unbiased,
+                        const std::vector<Block>& blocks, Tensor& store) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = gram.size(0);
   const double nd = static_cast<double>(n);
@@ -409,12 +422,15 @@ std::atomic<bool> generic_cpu_kernels{false};
 
 void use_generic_cpu_kernels(bool generic) { generic_cpu_kernels = generic; }
 
+const char* cpu_product_backend() { return onednn_linear() ? "onednn" : "aten"; }
+
 const Kernels& cpu_kernels() {
-  static const Kernels kernels{&product_nt_cpu,    &column_moments_cpu, &centre_rows_cpu,
-                               &centre_tile_cpu,   &centre_blocks_cpu,  &store_products_cpu};
+  static const Kernels kernels{&product_nt_cpu,  &column_moments_cpu, &centre_rows_cpu,
+                               &centre_tile_cpu, &centre_blocks_cpu,  &store_products_cpu};
   // Without the CPU-only fast paths, composed as the CUDA half runs.
-  static const Kernels generic{&generic_product_nt, &column_moments_cpu, &centre_rows_cpu,
-                               &centre_tile_cpu,    nullptr,             &generic_store_products};
+  static const Kernels generic{
+      &generic_product_nt,    &column_moments_cpu, &centre_rows_cpu, &centre_tile_cpu, nullptr,
+      &generic_store_products};
   return generic_cpu_kernels ? generic : kernels;
 }
 

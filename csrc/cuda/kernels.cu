@@ -206,10 +206,15 @@ void centre_tile_cuda(const Tensor& gram, bool rbf, const Tensor& sq_rows, const
 }  // namespace
 
 // The products go to cuBLAS and the column moments are a reduction that reads x once: ATen
-// already runs them well, so they take the generic implementations. Blocks are centred one centre_tile call at a time.
+// already runs them well, so they take the generic implementations. There is no centre_blocks
+// kernel: the engine centres the whole-layer schedule's blocks one centre_tile call at a time.
 const Kernels& cuda_kernels() {
-  static const Kernels kernels{&generic_product_nt, &generic_column_moments, &centre_rows_cuda, &centre_tile_cuda,
-                               nullptr, &generic_store_products};
+  static const Kernels kernels{&generic_product_nt,
+                               &generic_column_moments,
+                               &centre_rows_cuda,
+                               &centre_tile_cuda,
+                               nullptr,
+                               &generic_store_products};
   return kernels;
 }
 
