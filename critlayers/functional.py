@@ -96,11 +96,16 @@ def _normaliser(n: int, unbiased: bool) -> float:
 
 
 def default_tile(n: int) -> int:
-    """Tile edge for the Gram path: about 256 rows, split evenly so that no tile is a sliver."""
-    n_tiles = max(1, round(n / 256))
-    if n_tiles == 1 and n >= 192:
+    """Tile edge for the Gram path: about 512 rows, split evenly so that no tile is a sliver.
+
+    Edges of 128 rows and more are rounded up to a multiple of 64, on which BLAS products
+    run faster than on odd sizes (n = 4096: 512, not 455 or 586).
+    """
+    n_tiles = max(1, round(n / 512))
+    if n_tiles == 1 and n >= 384:
         n_tiles = 2
-    return -(-n // n_tiles)
+    edge = -(-n // n_tiles)
+    return min(n, -(-edge // 64) * 64) if edge >= 128 else edge
 
 
 def median_sq_distance(x: torch.Tensor) -> float:
@@ -273,8 +278,8 @@ def hsic_matrix(feats, feats_y=None, *, kernel: str = "linear", unbiased: bool =
         sigma: RBF bandwidth as an absolute value for every layer (overrides ``threshold``).
         method: ``'gram'`` (tiled n x n form), ``'feature'`` (d x d form, linear only) or
             ``'auto'`` (the one with fewer operations).
-        tile: largest block edge of the Gram form (default: about 256; the whole-layer
-            schedule uses bands of about 64 rows at most).
+        tile: largest block edge of the Gram form (default: about 512; the whole-layer
+            schedule uses bands of at most 128 rows).
 
     Returns:
         :class:`HSIC` with ``xy`` (n_x, n_y), ``xx`` (n_x,), ``yy`` (n_y,), float64, on the

@@ -209,8 +209,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
       },
       "Whether the CUDA half of the engine was compiled into this module.");
-  m.def("cpu_product_backend", &critlayers::cpu_product_backend,
-        "Where the CPU half's float32 Gram products run: 'onednn' or 'aten' (torch's BLAS).");
+  m.def("cpu_product_backend", &critlayers::cpu_product_backend, pybind11::arg("width"),
+        "Where the CPU half's float32 Gram products of rows of `width` features run: 'onednn' "
+        "or 'blas' (torch's BLAS).");
+  m.def("set_cpu_product_backend", &critlayers::set_cpu_product_backend, pybind11::arg("name"),
+        "Rule for the CPU half's float32 Gram products: 'auto' (default; the environment "
+        "variable CRITLAYERS_CPU_GEMM sets it at start-up), 'blas' or 'onednn'.");
+  m.def("cpu_has_onednn", &critlayers::cpu_has_onednn,
+        "Whether torch has the oneDNN linear op that the CPU half can use.");
   m.def("_use_generic_cpu_kernels", &critlayers::use_generic_cpu_kernels, pybind11::arg("generic"),
         "Testing aid: run CPU ops without the CPU-only fast paths, as the CUDA half runs them.");
 }

@@ -28,11 +28,11 @@ at::ScalarType compute_type(at::TensorList feats) {
   return at::kFloat;
 }
 
-// Largest float64 store of the centred Gram blocks of all layers for the whole-layer schedule.
+// Largest store of the centred Gram blocks of all layers for the whole-layer schedule.
 constexpr int64_t kWholeLayerBytes = int64_t{64} << 20;
 // Rows of one band of the whole-layer schedule, before bands are evened out. Narrower bands
 // skip more of the lower triangle; wider ones keep the products efficient.
-constexpr int64_t kBandRows = 64;
+constexpr int64_t kBandRows = 128;
 // Squared row norms outside this range are rescaled before float32 products are formed.
 constexpr double kLargestSafeSquare = 1e30;
 constexpr double kSmallestSafeSquare = 1e-30;
@@ -63,11 +63,11 @@ struct BlockPlan {
   int64_t area = 0;           // entries of all blocks
 };
 
-// Band height of the whole-layer schedule: about kBandRows, at most `tile`, split evenly so
-// that the last band is not a sliver.
+// Band height of the whole-layer schedule: at most kBandRows and `tile`, split evenly so that
+// the last band is not a sliver.
 int64_t whole_layer_band(int64_t n, int64_t tile) {
   const int64_t target = std::min(kBandRows, tile);
-  const int64_t n_bands = std::max<int64_t>(1, (n + target / 2) / target);
+  const int64_t n_bands = std::max<int64_t>(1, (n + target - 1) / target);
   return (n + n_bands - 1) / n_bands;
 }
 
@@ -218,12 +218,16 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
   // product per band of rows covers the band's diagonal block, everything right of it, and, in
   // the extra column, the dots x_i . m from which the centring offsets follow
   // (cka_math.h: the row sums of the Gram are n x_i . m). Each block is centred as it is read,
-  // into a float64 store; the HSIC of all pairs then comes from two products over the stores.
+  // into a store (engine.h: compact_stores); the HSIC of all pairs then comes from two
+  // float64-accumulated products over the stores.
+  const auto store_type = kernels.compact_stores ? cdt : at::kDouble;
   const BlockPlan bands = band_plan(n, whole_layer_band(n, tile));
-  if (!rbf && n_layers * bands.area * 8 <= kWholeLayerBytes) {
+  if (!rbf && n_layers * bands.area * static_cast<int64_t>(c10::elementSize(store_type)) <=
+                  kWholeLayerBytes) {
     Tensor rows_buf = workspace(1, n_workers * (n + 1) * d_max, opts);
     Tensor gram_buf = workspace(2, n_workers * n * (n + 1), opts);
-    Tensor stored = workspace(3, n_layers * bands.area, opts64).view({n_layers, bands.area});
+    Tensor stored =
+        workspace(3, n_layers * bands.area, opts64.dtype(store_type)).view({n_layers, bands.area});
     std::vector<char> finite(n_layers, 1);
     for_each_layer([&](int64_t l, int64_t worker) {
       const Tensor& feat = feats[l];
@@ -351,7 +355,8 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
     at_elem += tile * d;
   }
   Tensor rows_j_buf = workspace(1, n_workers * tile * d_max, opts);
-  Tensor centred = workspace(3, n_layers * tile * tile, opts64).view({n_layers, tile * tile});
+  Tensor centred =
+      workspace(3, n_layers * tile * tile, opts64.dtype(store_type)).view({n_layers, tile * tile});
 
   // Visits the upper triangle of tiles (i0 <= j0). per_layer(l, i0, ti, j0, tj, gram_tile)
   // gets the dot products of the centred, scaled rows of layer l; after_layers(i0, ti, j0, tj)
@@ -377,7 +382,10 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
             centre(l, j0, tj, xj);
           }
           Tensor g = view2d(gram_buf.narrow(0, worker * tile * tile, tile * tile), ti, tj);
-          kernels.product_nt(xi, xj, g);
+          {
+            RECORD_FUNCTION("critlayers::gram_tile", std::vector<c10::IValue>());
+            kernels.product_nt(xi, xj, g);
+          }
           per_layer(l, i0, ti, j0, tj, g);
         });
         after_layers(i0, ti, j0, tj);
@@ -398,9 +406,9 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
                               prep[l].sq_norms.narrow(0, j0, tj), prep[l].gamma,
                               prep[l].offsets.narrow(0, i0, ti), prep[l].offsets.narrow(0, j0, tj),
                               i0 - j0, false, values);
-          row_sums[l].narrow(0, i0, ti).add_(values.sum(1));
+          row_sums[l].narrow(0, i0, ti).add_(values.sum(1, false, at::kDouble));
           if (j0 != i0) {
-            row_sums[l].narrow(0, j0, tj).add_(values.sum(0));
+            row_sums[l].narrow(0, j0, tj).add_(values.sum(0, false, at::kDouble));
           }
         },
         [](int64_t, int64_t, int64_t, int64_t) {});
@@ -419,6 +427,7 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
 
   for_each_tile(
       [&](int64_t l, int64_t i0, int64_t ti, int64_t j0, int64_t tj, const Tensor& g) {
+        RECORD_FUNCTION("critlayers::centre_tile", std::vector<c10::IValue>());
         Tensor values = view2d(centred[l], ti, tj);
         kernels.centre_tile(g, rbf, prep[l].sq_norms.narrow(0, i0, ti),
                             prep[l].sq_norms.narrow(0, j0, tj), prep[l].gamma,
@@ -427,6 +436,7 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
       },
       [&](int64_t i0, int64_t ti, int64_t j0, int64_t tj) {
         // An off-diagonal tile stands for itself and its transpose.
+        RECORD_FUNCTION("critlayers::hsic_products", std::vector<c10::IValue>());
         Tensor block = centred.narrow(1, 0, ti * tj);
         kernels.store_products(block, i0 == j0 ? 1.0 : 2.0, acc);
       });

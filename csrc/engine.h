@@ -33,7 +33,8 @@ struct Kernels {
   void (*centre_rows)(const at::Tensor& x, int64_t row0, int64_t rows, const at::Tensor& mean,
                       double inv_scale, at::Tensor& out, at::Tensor& sq_norms,
                       const at::Tensor& col_sums);
-  // out64 (ti, tj) float64 = centred kernel values of one tile of the Gram.
+  // out64 (ti, tj) = centred kernel values of one tile of the Gram, float64 (or, where
+  // compact_stores, the Gram's dtype: each value formed in float64, then rounded).
   // gram: (ti, tj) dot products of centred rows; for the RBF kernel sq_rows (ti,) and
   // sq_cols (tj,) are the rows' squared norms and gamma = 1 / (2 sigma^2). offsets_rows (ti,)
   // and offsets_cols (tj,) are float64 (see cka_math.h). Entry (r, c) of the tile lies on the
@@ -42,17 +43,24 @@ struct Kernels {
                       const at::Tensor& sq_cols, double gamma, const at::Tensor& offsets_rows,
                       const at::Tensor& offsets_cols, int64_t diagonal_shift, bool unbiased,
                       at::Tensor& out64);
-  // store (area,) float64 = the centred values of every block of the upper triangle of a
-  // shifted layer's Gram, each written row-major from block.offset on. gram (n, n + 1) holds
+  // store (area,) = the centred values of every block of the upper triangle of a shifted
+  // layer's Gram, each written row-major from block.offset on, in the Gram's dtype (each value
+  // formed in float64, then rounded). gram (n, n + 1) holds
   // the blocks' dot products and, in column n, x_i . m with m the mean row; sq_norms (n,)
   // float64 = |x_i|^2 and mean_sq = |m|^2. The centring offsets follow from these (cka_math.h);
   // the unbiased estimator zeroes the Gram's diagonal. Optional (nullptr): the engine then
-  // computes the offsets with ATen and calls centre_tile per block.
+  // computes the offsets with ATen and calls centre_tile per block, into a float64 store.
   void (*centre_blocks)(const at::Tensor& gram, const at::Tensor& sq_norms, double mean_sq,
                         bool unbiased, const std::vector<Block>& blocks, at::Tensor& store);
-  // acc (m, m) float64 += weight * stores stores^T, for stores (m, k) float64 with unit
-  // column stride: the HSIC sums of m layers over k stored Gram entries.
+  // acc (m, m) float64 += weight * stores stores^T, for stores (m, k) with unit column stride:
+  // the HSIC sums of m layers over k stored Gram entries. Stores are float64, or float32 where
+  // centre_blocks writes them; products and sums are float64 either way.
   void (*store_products)(const at::Tensor& stores, double weight, at::Tensor& acc);
+  // Whether centre_tile, centre_blocks and store_products take stores in the compute type
+  // (float32 for float32 Grams), which halves the memory the HSIC products stream through;
+  // otherwise the engine's stores are float64. The rounding of a centred value to float32 is
+  // below the error of the float32 product it comes from; products and sums stay float64.
+  bool compact_stores;
 };
 
 // column_moments from ATen operations, for backends where memory bandwidth makes a dedicated
@@ -68,9 +76,14 @@ const Kernels& cpu_kernels();
 // Makes cpu_kernels() leave out the optional fast paths (as the CUDA half does), so that the
 // engine's generic compositions can be tested on the CPU.
 void use_generic_cpu_kernels(bool generic);
-// Where the CPU half's float32 Gram products run: "onednn" (torch's oneDNN linear op) or "aten"
-// (at::mm_out, i.e. MKL or the BLAS torch was built with).
-const char* cpu_product_backend();
+// Where the CPU half's float32 Gram products of rows of `width` features run: "onednn"
+// (torch's oneDNN linear op) or "blas" (at::mm_out, i.e. MKL or the BLAS torch was built with).
+const char* cpu_product_backend(int64_t width);
+// Sets the rule behind cpu_product_backend: "auto" (the measured default, cpu/kernels.cpp),
+// "blas" or "onednn". The environment variable CRITLAYERS_CPU_GEMM gives the initial value.
+void set_cpu_product_backend(const std::string& name);
+// Whether torch has the oneDNN linear op the CPU half can use.
+bool cpu_has_onednn();
 #ifdef CRITLAYERS_WITH_CUDA
 const Kernels& cuda_kernels();
 #endif

@@ -182,11 +182,38 @@ def test_whole_layer_and_tile_schedules_agree_with_reference(unbiased):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
-def test_cpu_gram_products_run_in_onednn_when_torch_has_it():
+@pytest.fixture
+def product_backend():
+    """Restores the default rule for the CPU Gram products after a test changes it."""
+    engine = _ext.load()
+    yield engine
+    engine.set_cpu_product_backend("auto")
+
+
+def test_cpu_gram_product_backend_follows_its_rule(product_backend):
     # The oneDNN linear op is looked up by name and argument types at run time; a torch whose
-    # op changed must fall back to at::mm_out rather than fail, and one that has it must use it.
-    expected = "onednn" if torch.backends.mkldnn.is_available() else "aten"
-    assert _ext.load().cpu_product_backend() == expected
+    # op changed must fall back to torch's BLAS rather than fail.
+    has_onednn = product_backend.cpu_has_onednn()
+    assert has_onednn == torch.backends.mkldnn.is_available()
+    # Long rows go to oneDNN wherever torch has it (the rule's other inputs only add oneDNN).
+    assert product_backend.cpu_product_backend(4096) == ("onednn" if has_onednn else "blas")
+    product_backend.set_cpu_product_backend("blas")
+    assert product_backend.cpu_product_backend(4096) == "blas"
+    if has_onednn:
+        product_backend.set_cpu_product_backend("onednn")
+        assert product_backend.cpu_product_backend(64) == "onednn"
+    with pytest.raises(ValueError, match="'mkl'"):
+        product_backend.set_cpu_product_backend("mkl")
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_both_cpu_product_backends_agree_with_reference(product_backend, unbiased):
+    feats = make_layers(3, 200, 48, seed=11)
+    expected = ref.cka_matrix(reference_inputs(feats), unbiased=unbiased)
+    for name in ["blas", "onednn"] if product_backend.cpu_has_onednn() else ["blas"]:
+        product_backend.set_cpu_product_backend(name)
+        got = cl.cka_matrix(feats, unbiased=unbiased, method="gram")
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
 @pytest.fixture

@@ -9,8 +9,14 @@
 #include <ATen/core/stack.h>
 #include <torch/library.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -53,17 +59,80 @@ const std::optional<c10::OperatorHandle>& onednn_linear() {
   return op;
 }
 
-// product_nt: float32 products of rows with unit stride go to oneDNN, whose kernels run the
-// Gram bands and tiles 10-20 % faster than torch's BLAS (MKL) on the machine of BENCHMARKS.md;
-// both follow torch's float32 matmul precision setting. Everything else goes to at::mm_out.
+// Where float32 Gram products go: torch's BLAS (at::mm_out, MKL in torch's x86 builds) or
+// oneDNN. Measured on the Intel Xeon of BENCHMARKS.md, on the engine's bands of about 128
+// rows, MKL runs faster for rows of up to about a thousand features and oneDNN for longer rows
+// (d >= 2048: 10-25 % faster); on other x86 CPUs MKL does not take its fastest paths, and
+// oneDNN was faster at every width measured.
+constexpr int64_t kOnednnMinWidthOnIntel = 2048;
+
+bool intel_cpu() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
+
+// The policy: "auto" (the rule above), "blas" or "onednn"; CRITLAYERS_CPU_GEMM sets the
+// initial value, set_cpu_product_backend() changes it.
+std::atomic<int> product_policy{-1};
+constexpr int kPolicyAuto = 0;
+constexpr int kPolicyBlas = 1;
+constexpr int kPolicyOnednn = 2;
+
+int parse_policy(const std::string& name, const char* origin) {
+  if (name == "auto") {
+    return kPolicyAuto;
+  }
+  if (name == "blas") {
+    return kPolicyBlas;
+  }
+  if (name == "onednn") {
+    TORCH_CHECK_VALUE(onednn_linear().has_value(), origin,
+                      ": 'onednn' needs a torch built with oneDNN (mkldnn), which this one is not");
+    return kPolicyOnednn;
+  }
+  TORCH_CHECK_VALUE(false, origin, " must be 'auto', 'blas' or 'onednn', got '", name, "'");
+  return kPolicyAuto;
+}
+
+int policy() {
+  int value = product_policy.load();
+  if (value < 0) {
+    const char* env = std::getenv("CRITLAYERS_CPU_GEMM");
+    value = env == nullptr || *env == '\0'
+                ? kPolicyAuto
+                : parse_policy(env, "the environment variable CRITLAYERS_CPU_GEMM");
+    product_policy.store(value);
+  }
+  return value;
+}
+
+bool products_in_onednn(int64_t width) {
+  if (!onednn_linear()) {
+    return false;
+  }
+  switch (policy()) {
+    case kPolicyBlas:
+      return false;
+    case kPolicyOnednn:
+      return true;
+    default:
+      return !intel_cpu() || width >= kOnednnMinWidthOnIntel;
+  }
+}
+
+// product_nt: float32 products of rows with unit stride go to oneDNN where the rule above picks
+// it (its op returns a new tensor, copied into out); everything else goes to at::mm_out, which
+// writes out in place. Both follow torch's float32 matmul precision setting.
 void product_nt_cpu(const Tensor& a, const Tensor& b, Tensor& out) {
-  const std::optional<c10::OperatorHandle>& onednn = onednn_linear();
-  if (onednn && a.scalar_type() == at::kFloat && a.is_contiguous() && b.is_contiguous() &&
-      a.size(1) > 0) {
+  if (a.scalar_type() == at::kFloat && a.is_contiguous() && b.is_contiguous() && a.size(1) > 0 &&
+      products_in_onednn(a.size(1))) {
     torch::jit::Stack stack;
     torch::jit::push(stack, a, b, c10::IValue(), std::string("none"),
                      c10::List<std::optional<at::Scalar>>(), c10::IValue());
-    onednn->callBoxed(&stack);
+    onednn_linear()->callBoxed(&stack);
     out.copy_(stack.at(0).toTensor());
     return;
   }
@@ -223,12 +292,13 @@ void centre_rows_cpu(const Tensor& x, int64_t row0, int64_t rows, const Tensor& 
   });
 }
 
-// centre_tile: out64[r, c] = centred kernel value of Gram entry (r, c) of one tile.
+// centre_tile: out64[r, c] = centred kernel value of Gram entry (r, c) of one tile, formed in
+// float64 and stored as out_t (float64, or the Gram's type for a compact store).
 // Linear: K = gram; RBF: K = exp(-gamma * |x_r - x_c|^2) from the dot products and the
 // squared norms. Then K - u_r - u_c, and 0 on the full Gram's diagonal for the unbiased
 // estimator (entry (r, c) lies on it when c - r == diagonal_shift). Each task owns rows;
 // distances and exponentials in the tile's type, the centred value in float64.
-template <typename scalar_t>
+template <typename scalar_t, typename out_t>
 void centre_tile_loop(const Tensor& gram, bool rbf, const Tensor& sq_rows, const Tensor& sq_cols,
                       double gamma, const Tensor& offsets_rows, const Tensor& offsets_cols,
                       int64_t diagonal_shift, bool unbiased, Tensor& out64) {
@@ -242,13 +312,13 @@ void centre_tile_loop(const Tensor& gram, bool rbf, const Tensor& sq_rows, const
   const double* u_cols = offsets_cols.data_ptr<double>();
   const double* q_rows = rbf ? sq_rows.data_ptr<double>() : nullptr;
   const double* q_cols = rbf ? sq_cols.data_ptr<double>() : nullptr;
-  double* out = out64.data_ptr<double>();
+  out_t* out = out64.data_ptr<out_t>();
   const int64_t out_row_stride = out64.stride(0);
   const acc_t gamma_acc = static_cast<acc_t>(gamma);
   at::parallel_for(0, ti, 8, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* g_row = g + r * g_row_stride;
-      double* out_row = out + r * out_row_stride;
+      out_t* out_row = out + r * out_row_stride;
       const double u_r = u_rows[r];
       const int64_t diag_col = r + diagonal_shift;
       if (rbf) {
@@ -258,22 +328,23 @@ void centre_tile_loop(const Tensor& gram, bool rbf, const Tensor& sq_rows, const
               c == diag_col ? acc_t(0)
                             : math::sq_distance<acc_t>(q_r, static_cast<acc_t>(q_cols[c]),
                                                        static_cast<acc_t>(g_row[c * g_col_stride]));
-          out_row[c] = math::centred_entry<acc_t>(math::rbf_value<acc_t>(d2, gamma_acc), u_r,
-                                                  u_cols[c], c == diag_col, unbiased);
+          out_row[c] = static_cast<out_t>(math::centred_entry<acc_t>(
+              math::rbf_value<acc_t>(d2, gamma_acc), u_r, u_cols[c], c == diag_col, unbiased));
         }
       } else if (g_col_stride == 1) {
         for (int64_t c = 0; c < tj; ++c) {
-          out_row[c] = math::centred_entry<acc_t>(static_cast<acc_t>(g_row[c]), u_r, u_cols[c],
-                                                  false, false);
+          out_row[c] = static_cast<out_t>(math::centred_entry<acc_t>(static_cast<acc_t>(g_row[c]),
+                                                                     u_r, u_cols[c], false, false));
         }
       } else {
         for (int64_t c = 0; c < tj; ++c) {
-          out_row[c] = math::centred_entry<acc_t>(static_cast<acc_t>(g_row[c * g_col_stride]), u_r,
-                                                  u_cols[c], false, false);
+          out_row[c] = static_cast<out_t>(math::centred_entry<acc_t>(
+              static_cast<acc_t>(g_row[c * g_col_stride]), u_r, u_cols[c], false, false));
         }
       }
       if (!rbf && unbiased && diag_col >= 0 && diag_col < tj) {
-        out_row[diag_col] = math::centred_entry<acc_t>(acc_t(0), u_r, u_r, true, true);
+        out_row[diag_col] =
+            static_cast<out_t>(math::centred_entry<acc_t>(acc_t(0), u_r, u_r, true, true));
       }
     }
   });
@@ -285,14 +356,20 @@ void centre_tile_cpu(const Tensor& gram, bool rbf, const Tensor& sq_rows, const 
   TORCH_INTERNAL_ASSERT(out64.stride(1) == 1 && offsets_rows.is_contiguous() &&
                         offsets_cols.is_contiguous());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gram.scalar_type(), "centre_tile", [&] {
-    centre_tile_loop<scalar_t>(gram, rbf, sq_rows, sq_cols, gamma, offsets_rows, offsets_cols,
-                               diagonal_shift, unbiased, out64);
+    if (out64.scalar_type() == at::kDouble) {
+      centre_tile_loop<scalar_t, double>(gram, rbf, sq_rows, sq_cols, gamma, offsets_rows,
+                                         offsets_cols, diagonal_shift, unbiased, out64);
+    } else {
+      TORCH_INTERNAL_ASSERT(out64.scalar_type() == gram.scalar_type());
+      centre_tile_loop<scalar_t, scalar_t>(gram, rbf, sq_rows, sq_cols, gamma, offsets_rows,
+                                           offsets_cols, diagonal_shift, unbiased, out64);
+    }
   });
 }
 
 // centre_blocks: the offsets first, from the Gram's extra column (cka_math.h), then each task
-// owns whole blocks and writes them row by row, so the store is written once, sequentially,
-// in float64.
+// owns whole blocks and writes them row by row, so the store is written once, sequentially.
+// Each value is formed in float64 and rounded to the store's type, the Gram's.
 template <typename scalar_t>
 void centre_blocks_loop(const Tensor& gram, const Tensor& sq_norms, double mean_sq, bool unbiased,
                         const std::vector<Block>& blocks, Tensor& store) {
@@ -318,23 +395,24 @@ void centre_blocks_loop(const Tensor& gram, const Tensor& sq_norms, double mean_
                           : math::biased_offset(offsets[i], total, nd);
   }
   const double* u = offsets.data();
-  double* out = store.data_ptr<double>();
+  scalar_t* out = store.data_ptr<scalar_t>();
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const Block& block = blocks[b];
       for (int64_t r = 0; r < block.ti; ++r) {
         const int64_t row = block.i0 + r;
-        const scalar_t* g_row = g + row * row_stride + block.j0;
-        const double* u_cols = u + block.j0;
-        double* out_row = out + block.offset + r * block.tj;
+        const scalar_t* __restrict__ g_row = g + row * row_stride + block.j0;
+        const double* __restrict__ u_cols = u + block.j0;
+        scalar_t* __restrict__ out_row = out + block.offset + r * block.tj;
         const double u_r = u[row];
         for (int64_t c = 0; c < block.tj; ++c) {
-          out_row[c] = math::centred_entry<acc_t>(static_cast<acc_t>(g_row[c]), u_r, u_cols[c],
-                                                  false, false);
+          out_row[c] = static_cast<scalar_t>(math::centred_entry<acc_t>(
+              static_cast<acc_t>(g_row[c]), u_r, u_cols[c], false, false));
         }
         const int64_t diag_col = row - block.j0;
         if (unbiased && diag_col >= 0 && diag_col < block.tj) {
-          out_row[diag_col] = math::centred_entry<acc_t>(acc_t(0), u_r, u_r, true, true);
+          out_row[diag_col] =
+              static_cast<scalar_t>(math::centred_entry<acc_t>(acc_t(0), u_r, u_r, true, true));
         }
       }
     }
@@ -344,73 +422,155 @@ void centre_blocks_loop(const Tensor& gram, const Tensor& sq_norms, double mean_
 void centre_blocks_cpu(const Tensor& gram, const Tensor& sq_norms, double mean_sq, bool unbiased,
                        const std::vector<Block>& blocks, Tensor& store) {
   TORCH_INTERNAL_ASSERT(gram.stride(1) == 1 && gram.size(1) == gram.size(0) + 1 &&
-                        sq_norms.is_contiguous() && store.is_contiguous());
+                        sq_norms.is_contiguous() && store.is_contiguous() &&
+                        store.scalar_type() == gram.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "centre_blocks", [&] {
     centre_blocks_loop<scalar_t>(gram, sq_norms, mean_sq, unbiased, blocks, store);
   });
 }
 
-// store_products: acc += weight * S S^T for S (m, k) with m small (layers) and k large (Gram
-// entries), a shape on which BLAS runs far below its peak. Columns are taken in chunks that fit
-// in the L2 cache; per chunk every pair a <= b gets one float64 dot product over 32 lanes
-// (enough independent sums to keep the vector FMA units busy), into a per-task partial sum;
-// the partials are added and mirrored at the end.
-void store_products_cpu(const Tensor& stores, double weight, Tensor& acc) {
-  TORCH_INTERNAL_ASSERT(stores.scalar_type() == at::kDouble && stores.stride(1) == 1 &&
-                        acc.is_contiguous());
-  constexpr int64_t kLanes = 32;
-  constexpr int64_t kChunk = 1024;
+// store_products: acc += weight * S S^T for S (m, k) float32 or float64, m small (layers) and
+// k large (Gram entries), a shape on which BLAS runs far below its peak (MKL: ~45 ns per
+// column at m = 18, where the arithmetic needs ~6). A register-blocked kernel instead: the
+// columns are taken in chunks that stay in the L2 cache, and per chunk each block of
+// kBlock x kBlock pairs of rows keeps its kBlock^2 sums in vector registers of kWidth float64
+// lanes, loading 2 kBlock vectors for kBlock^2 multiply-adds. float32 entries are widened to
+// float64 as they are loaded, so every product is exact and every sum float64.
+#if defined(__AVX512F__)
+constexpr int64_t kWidth = 8;  // one 512-bit register of float64
+constexpr int64_t kBlock = 4;  // 16 accumulators + 8 operands of the 32 registers
+#else
+constexpr int64_t kWidth = 4;  // one 256-bit register (two 128-bit ones without AVX)
+constexpr int64_t kBlock = 3;  // 9 accumulators + 6 operands of the 16 registers
+#endif
+typedef double LanesF64 __attribute__((vector_size(kWidth * sizeof(double))));
+typedef float LanesF32 __attribute__((vector_size(kWidth * sizeof(float))));
+
+inline LanesF64 load_lanes(const double* p) {
+  LanesF64 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline LanesF64 load_lanes(const float* p) {
+#if defined(__AVX512F__)
+  // One conversion instruction; the generic form below compiles to four when the compiler
+  // prefers 256-bit vectors.
+  // (The zero-masked form: GCC 12 warns on the undefined pass-through of _mm512_cvtps_pd.)
+  return reinterpret_cast<LanesF64>(
+      _mm512_maskz_cvtps_pd(static_cast<__mmask8>(0xFF), _mm256_loadu_ps(p)));
+#else
+  LanesF32 v;
+  std::memcpy(&v, p, sizeof(v));
+  return __builtin_convertvector(v, LanesF64);
+#endif
+}
+
+// sums[i * kBlock + j] += sum_{c < width} a[i][c] * b[j][c].
+template <typename store_t>
+void block_products(const store_t* const* a, const store_t* const* b, int64_t width, double* sums) {
+  LanesF64 acc[kBlock][kBlock] = {};
+  const int64_t body = width - width % kWidth;
+  for (int64_t c = 0; c < body; c += kWidth) {
+    LanesF64 va[kBlock];
+    LanesF64 vb[kBlock];
+    for (int64_t i = 0; i < kBlock; ++i) {
+      va[i] = load_lanes(a[i] + c);
+      vb[i] = load_lanes(b[i] + c);
+    }
+    for (int64_t i = 0; i < kBlock; ++i) {
+      for (int64_t j = 0; j < kBlock; ++j) {
+        acc[i][j] += va[i] * vb[j];
+      }
+    }
+  }
+  for (int64_t i = 0; i < kBlock; ++i) {
+    for (int64_t j = 0; j < kBlock; ++j) {
+      double total = 0.0;
+      for (int64_t l = 0; l < kWidth; ++l) {
+        total += acc[i][j][l];
+      }
+      for (int64_t c = body; c < width; ++c) {
+        total += static_cast<double>(a[i][c]) * static_cast<double>(b[j][c]);
+      }
+      sums[i * kBlock + j] += total;
+    }
+  }
+}
+
+template <typename store_t>
+void store_products_loop(const Tensor& stores, double weight, Tensor& acc) {
   const int64_t m = stores.size(0);
   const int64_t k = stores.size(1);
   const int64_t row_stride = stores.stride(0);
-  const double* s = stores.data_ptr<double>();
-  const int64_t n_chunks = (k + kChunk - 1) / kChunk;
+  const store_t* s = stores.data_ptr<store_t>();
+  const int64_t n_blocks = (m + kBlock - 1) / kBlock;
+  const int64_t m_pad = n_blocks * kBlock;
+  // Rows past m repeat the last row; their sums are computed and dropped.
+  std::vector<const store_t*> rows(m_pad);
+  for (int64_t r = 0; r < m_pad; ++r) {
+    rows[r] = s + std::min(r, m - 1) * row_stride;
+  }
+  // Chunks of about 256 KiB of all rows, a whole number of vectors wide.
+  const int64_t chunk = std::max<int64_t>(
+      kWidth * 16,
+      (int64_t{256} << 10) / (m_pad * static_cast<int64_t>(sizeof(store_t))) / kWidth * kWidth);
+  const int64_t n_chunks = (k + chunk - 1) / chunk;
   const int64_t n_tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_chunks));
-  std::vector<double> partial(n_tasks * m * m, 0.0);
+  std::vector<double> partial(n_tasks * m_pad * m_pad, 0.0);
   at::parallel_for(0, n_tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+    std::vector<double> block_sums(kBlock * kBlock);
+    std::vector<const store_t*> a(kBlock);
+    std::vector<const store_t*> b(kBlock);
     for (int64_t task = task_begin; task < task_end; ++task) {
-      double* part = partial.data() + task * m * m;
-      const int64_t chunk_begin = n_chunks * task / n_tasks;
-      const int64_t chunk_end = n_chunks * (task + 1) / n_tasks;
-      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-        const int64_t c0 = chunk * kChunk;
-        const int64_t width = std::min(kChunk, k - c0);
-        for (int64_t a = 0; a < m; ++a) {
-          const double* sa = s + a * row_stride + c0;
-          for (int64_t b = a; b < m; ++b) {
-            const double* sb = s + b * row_stride + c0;
-            double lanes[kLanes] = {};
-            int64_t c = 0;
-            for (; c + kLanes <= width; c += kLanes) {
-              for (int64_t l = 0; l < kLanes; ++l) {
-                lanes[l] += sa[c + l] * sb[c + l];
+      double* part = partial.data() + task * m_pad * m_pad;
+      const int64_t c_begin = std::min(k, chunk * (n_chunks * task / n_tasks));
+      const int64_t c_end = std::min(k, chunk * (n_chunks * (task + 1) / n_tasks));
+      for (int64_t c0 = c_begin; c0 < c_end; c0 += chunk) {
+        const int64_t width = std::min(chunk, c_end - c0);
+        for (int64_t ba = 0; ba < n_blocks; ++ba) {
+          for (int64_t bb = ba; bb < n_blocks; ++bb) {
+            for (int64_t i = 0; i < kBlock; ++i) {
+              a[i] = rows[ba * kBlock + i] + c0;
+              b[i] = rows[bb * kBlock + i] + c0;
+            }
+            std::fill(block_sums.begin(), block_sums.end(), 0.0);
+            block_products(a.data(), b.data(), width, block_sums.data());
+            for (int64_t i = 0; i < kBlock; ++i) {
+              for (int64_t j = 0; j < kBlock; ++j) {
+                part[(ba * kBlock + i) * m_pad + bb * kBlock + j] += block_sums[i * kBlock + j];
               }
             }
-            for (; c < width; ++c) {
-              lanes[0] += sa[c] * sb[c];
-            }
-            double dot = 0.0;
-            for (int64_t l = 0; l < kLanes; ++l) {
-              dot += lanes[l];
-            }
-            part[a * m + b] += dot;
           }
         }
       }
     }
   });
+  // Entry (a, b) with a <= b comes from the block pair (a / kBlock, b / kBlock), which the
+  // loops above visit because a / kBlock <= b / kBlock.
   double* out = acc.data_ptr<double>();
-  for (int64_t a = 0; a < m; ++a) {
-    for (int64_t b = a; b < m; ++b) {
+  for (int64_t ra = 0; ra < m; ++ra) {
+    for (int64_t rb = ra; rb < m; ++rb) {
       double total = 0.0;
       for (int64_t task = 0; task < n_tasks; ++task) {
-        total += partial[task * m * m + a * m + b];
+        total += partial[task * m_pad * m_pad + ra * m_pad + rb];
       }
-      out[a * m + b] += weight * total;
-      if (b != a) {
-        out[b * m + a] += weight * total;
+      out[ra * m + rb] += weight * total;
+      if (rb != ra) {
+        out[rb * m + ra] += weight * total;
       }
     }
+  }
+}
+
+void store_products_cpu(const Tensor& stores, double weight, Tensor& acc) {
+  TORCH_INTERNAL_ASSERT(stores.stride(1) == 1 && acc.is_contiguous() &&
+                        acc.scalar_type() == at::kDouble);
+  if (stores.scalar_type() == at::kFloat) {
+    store_products_loop<float>(stores, weight, acc);
+  } else {
+    TORCH_INTERNAL_ASSERT(stores.scalar_type() == at::kDouble);
+    store_products_loop<double>(stores, weight, acc);
   }
 }
 
@@ -422,15 +582,24 @@ std::atomic<bool> generic_cpu_kernels{false};
 
 void use_generic_cpu_kernels(bool generic) { generic_cpu_kernels = generic; }
 
-const char* cpu_product_backend() { return onednn_linear() ? "onednn" : "aten"; }
+const char* cpu_product_backend(int64_t width) {
+  return products_in_onednn(width) ? "onednn" : "blas";
+}
+
+void set_cpu_product_backend(const std::string& name) {
+  product_policy.store(parse_policy(name, "set_cpu_product_backend: backend"));
+}
+
+bool cpu_has_onednn() { return onednn_linear().has_value(); }
 
 const Kernels& cpu_kernels() {
-  static const Kernels kernels{&product_nt_cpu,  &column_moments_cpu, &centre_rows_cpu,
-                               &centre_tile_cpu, &centre_blocks_cpu,  &store_products_cpu};
+  static const Kernels kernels{&product_nt_cpu,        &column_moments_cpu, &centre_rows_cpu,
+                               &centre_tile_cpu,       &centre_blocks_cpu,  &store_products_cpu,
+                               /*compact_stores=*/true};
   // Without the CPU-only fast paths, composed as the CUDA half runs.
   static const Kernels generic{
-      &generic_product_nt,    &column_moments_cpu, &centre_rows_cpu, &centre_tile_cpu, nullptr,
-      &generic_store_products};
+      &generic_product_nt,     &column_moments_cpu,     &centre_rows_cpu, &centre_tile_cpu, nullptr,
+      &generic_store_products, /*compact_stores=*/false};
   return generic_cpu_kernels ? generic : kernels;
 }
 

@@ -214,7 +214,8 @@ const Kernels& cuda_kernels() {
                                &centre_rows_cuda,
                                &centre_tile_cuda,
                                nullptr,
-                               &generic_store_products};
+                               &generic_store_products,
+                               /*compact_stores=*/false};
   return kernels;
 }
 
