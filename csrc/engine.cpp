@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <limits>
 
@@ -165,11 +166,14 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
   const int64_t n_threads = at::get_num_threads();
   const bool layer_parallel = feats[0].device().is_cpu() && n_threads > 1 && n_layers >= n_threads;
   const int64_t n_workers = layer_parallel ? n_threads : 1;
+  // Workers take the next layer as they finish one, so a core slowed by other work (a shared
+  // machine) does not hold up the others.
   auto for_each_layer = [&](auto&& body) {
     if (layer_parallel) {
-      at::parallel_for(0, n_layers, 1, [&](int64_t begin, int64_t end) {
+      std::atomic<int64_t> next_layer{0};
+      at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
         const int64_t worker = at::get_thread_num();
-        for (int64_t l = begin; l < end; ++l) {
+        for (int64_t l = next_layer++; l < n_layers; l = next_layer++) {
           body(l, worker);
         }
       });
