@@ -27,7 +27,6 @@ import torch
 import critlayers as cl
 from benchmarks import engine_cells as cells
 from benchmarks.peers.workloads import ENGINE_WORKLOADS
-from critlayers import _ext
 
 RESULTS = Path(__file__).parent / "results" / "engine.md"
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,6 +181,16 @@ def _fmt_span(span: tuple[float, float, float] | None) -> str:
     return f"{median:.2f} ({low:.2f}–{high:.2f})"
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _write_results() -> None:
     """Rewrites the results table after every cell, so an interrupted run keeps what it has."""
     floors = {impl: {r["workload"]: r["time"] for r in _rows if r["impl"] == impl}
@@ -219,10 +228,11 @@ def _write_results() -> None:
             lines.append(
                 f"| {r['workload']} {tuple(r['shape'])} | {r['impl']} | {r['estimator']} | "
                 f"{r['rounds']} | {r['time'] * 1e3:.1f} ms | {spans[0]} | {spans[1]} |")
-    header = (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads, engine CPU "
-              f"products in {_ext.load().cpu_product_backend()}, load average (1 min) when "
-              f"the table was written {os.getloadavg()[0]:.1f}.\n\n")
+    widths = sorted({d for _, _, d in ENGINE_WORKLOADS.values()})
+    backends = ", ".join(f"d = {d}: {cl.cpu_product_backend(d)}" for d in widths)
+    header = (f"Machine: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads; engine CPU Gram products ({backends}); "
+              f"load average (1 min) when the table was written {os.getloadavg()[0]:.1f}.\n\n")
     RESULTS.parent.mkdir(exist_ok=True)
     tmp = RESULTS.with_suffix(".tmp")
     tmp.write_text(header + "\n".join(lines) + "\n")

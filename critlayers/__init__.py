@@ -19,6 +19,7 @@ from .functional import (
     cka,
     cka_from_hsic,
     cka_matrix,
+    cpu_product_backend,
     feature_space_linear_cka,
     gram_hsic_matrix,
     gram_linear,
@@ -28,6 +29,7 @@ from .functional import (
     linear_cka,
     median_sq_distance,
     rbf_cka,
+    set_cpu_product_backend,
 )
 from .minibatch import MinibatchCKA, StreamingLinearCKA
 
@@ -41,6 +43,7 @@ __all__ = [
     "cka",
     "cka_from_hsic",
     "cka_matrix",
+    "cpu_product_backend",
     "feature_space_linear_cka",
     "gram_hsic_matrix",
     "gram_linear",
@@ -50,4 +53,5 @@ __all__ = [
     "linear_cka",
     "median_sq_distance",
     "rbf_cka",
+    "set_cpu_product_backend",
 ]

@@ -96,16 +96,39 @@ def _normaliser(n: int, unbiased: bool) -> float:
 
 
 def default_tile(n: int) -> int:
-    """Tile edge for the Gram path: about 512 rows, split evenly so that no tile is a sliver.
+    """Tile edge for the Gram path: about 512 rows.
 
-    Edges of 128 rows and more are rounded up to a multiple of 64, on which BLAS products
-    run faster than on odd sizes (n = 4096: 512, not 455 or 586).
+    n is split into ``round(n / 512)`` near-equal parts (two from n = 384 on), and an edge of
+    128 rows or more is rounded up to a multiple of 64, on which BLAS products run faster
+    than on odd sizes (n = 4096 gives 512, not 455 or 586).
     """
     n_tiles = max(1, round(n / 512))
     if n_tiles == 1 and n >= 384:
         n_tiles = 2
     edge = -(-n // n_tiles)
     return min(n, -(-edge // 64) * 64) if edge >= 128 else edge
+
+
+def cpu_product_backend(width: int) -> str:
+    """Where the engine's float32 Gram products of rows of ``width`` features run on the CPU.
+
+    Returns ``'blas'`` (torch's BLAS, MKL in torch's x86 builds) or ``'onednn'`` (torch's
+    oneDNN linear op). The default rule, measured on the benchmark machine of BENCHMARKS.md:
+    oneDNN for rows of 2048 features or more, or on any CPU other than Intel's (where MKL does
+    not take its fastest paths); BLAS otherwise. See :func:`set_cpu_product_backend`.
+    """
+    return _ext.load().cpu_product_backend(int(width))
+
+
+def set_cpu_product_backend(name: str) -> None:
+    """Sets the rule for the engine's CPU Gram products: ``'auto'``, ``'blas'`` or ``'onednn'``.
+
+    ``'auto'`` is the default rule of :func:`cpu_product_backend`; the environment variable
+    ``CRITLAYERS_CPU_GEMM`` sets the rule at start-up. Results agree across backends to float32
+    rounding of the products. Raises ValueError for another name, or for ``'onednn'`` when
+    torch was built without oneDNN.
+    """
+    _ext.load().set_cpu_product_backend(str(name))
 
 
 def median_sq_distance(x: torch.Tensor) -> float:

@@ -217,33 +217,30 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
   // Whole-layer schedule: the linear kernel, while the centred upper triangles of all layers
   // fit in kWholeLayerBytes. Each layer is read once: its rows are shifted by its first row
   // (centred Grams do not change under a shift, and the shift takes a large shared offset out
-  // of the float32 products) while their column sums s are taken, and the mean m = s / n is
-  // appended as an extra row. The upper triangle of the Gram is then formed band by band: one
-  // product per band of rows covers the band's diagonal block, everything right of it, and, in
-  // the extra column, the dots x_i . m from which the centring offsets follow
-  // (cka_math.h: the row sums of the Gram are n x_i . m). Each block is centred as it is read,
-  // into a store (engine.h: compact_stores); the HSIC of all pairs then comes from two
-  // float64-accumulated products over the stores.
+  // of the float32 products). The upper triangle of the Gram is then formed band by band: one
+  // product per band of rows covers the band's diagonal block and everything right of it. The
+  // row sums of the whole symmetric Gram follow from these blocks (a diagonal block's rows, and
+  // a block right of it by rows and by columns), and from them the centring offsets
+  // (cka_math.h). Each block is then centred into a store (engine.h: compact_stores); the HSIC
+  // of all pairs comes from two float64-accumulated products over the stores.
   const auto store_type = kernels.compact_stores ? cdt : at::kDouble;
   const BlockPlan bands = band_plan(n, whole_layer_band(n, tile));
   if (!rbf && n_layers * bands.area * static_cast<int64_t>(c10::elementSize(store_type)) <=
                   kWholeLayerBytes) {
-    Tensor rows_buf = workspace(1, n_workers * (n + 1) * d_max, opts);
-    Tensor gram_buf = workspace(2, n_workers * n * (n + 1), opts);
+    Tensor rows_buf = workspace(1, n_workers * n * d_max, opts);
+    Tensor gram_buf = workspace(2, n_workers * n * n, opts);
     Tensor stored =
         workspace(3, n_layers * bands.area, opts64.dtype(store_type)).view({n_layers, bands.area});
     std::vector<char> finite(n_layers, 1);
     for_each_layer([&](int64_t l, int64_t worker) {
       const Tensor& feat = feats[l];
       const int64_t d = feat.size(1);
-      Tensor rows = view2d(rows_buf.narrow(0, worker * (n + 1) * d_max, (n + 1) * d_max), n + 1, d);
-      Tensor x = rows.narrow(0, 0, n);
+      Tensor x = view2d(rows_buf.narrow(0, worker * n * d_max, n * d_max), n, d);
       Tensor sq_norms = at::empty({n}, opts64);
-      Tensor col_sums = at::empty({d}, opts64);
       Tensor shift = feat[0].to(at::kDouble).contiguous();
       {
         RECORD_FUNCTION("critlayers::shift_rows", std::vector<c10::IValue>());
-        kernels.centre_rows(feat, 0, n, shift, 1.0, x, sq_norms, col_sums);
+        kernels.centre_rows(feat, 0, n, shift, 1.0, x, sq_norms, Tensor());
       }
       const double largest = sq_norms.max().item<double>();
       if (!std::isfinite(largest)) {
@@ -255,44 +252,47 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
         // Rows far from unit norm: scaled to unit largest norm, so that float32 products
         // neither overflow nor lose digits to subnormals.
         scales[l] = std::sqrt(largest);
-        kernels.centre_rows(feat, 0, n, shift, 1.0 / scales[l], x, sq_norms, col_sums);
+        kernels.centre_rows(feat, 0, n, shift, 1.0 / scales[l], x, sq_norms, Tensor());
       }
-      const Tensor mean = col_sums / nd;
-      rows[n].copy_(mean);
-      Tensor gram = view2d(gram_buf.narrow(0, worker * n * (n + 1), n * (n + 1)), n, n + 1);
+      Tensor gram = view2d(gram_buf.narrow(0, worker * n * n, n * n), n, n);
       {
         RECORD_FUNCTION("critlayers::gram_bands", std::vector<c10::IValue>());
         for (int64_t b = 0; b < bands.n_diagonal; ++b) {
           const int64_t i0 = bands.blocks[b].i0;
           const int64_t band_rows = bands.blocks[b].ti;
-          Tensor band = gram.narrow(0, i0, band_rows).narrow(1, i0, n + 1 - i0);
-          kernels.product_nt(x.narrow(0, i0, band_rows), rows.narrow(0, i0, n + 1 - i0), band);
+          Tensor band = gram.narrow(0, i0, band_rows).narrow(1, i0, n - i0);
+          kernels.product_nt(x.narrow(0, i0, band_rows), x.narrow(0, i0, n - i0), band);
         }
       }
       RECORD_FUNCTION("critlayers::centre_blocks", std::vector<c10::IValue>());
-      const double mean_sq = mean.dot(mean).item<double>();
       Tensor store = stored[l];
       if (kernels.centre_blocks != nullptr) {
-        kernels.centre_blocks(gram, sq_norms, mean_sq, unbiased, bands.blocks, store);
+        kernels.centre_blocks(gram, unbiased, bands.blocks, store);
         return;
       }
-      // Row sums of the Gram: r_i = n x_i . m, total R = n^2 |m|^2; without the diagonal
-      // (unbiased): r_i - |x_i|^2 and R - sum_i |x_i|^2.
-      const Tensor row_sums = gram.select(1, n).to(at::kDouble) * nd;
+      Tensor row_sums = at::zeros({n}, opts64);
+      for (const Block& b : bands.blocks) {
+        const Tensor block = gram.narrow(0, b.i0, b.ti).narrow(1, b.j0, b.tj);
+        row_sums.narrow(0, b.i0, b.ti).add_(block.sum(1, false, at::kDouble));
+        if (b.j0 != b.i0) {
+          row_sums.narrow(0, b.j0, b.tj).add_(block.sum(0, false, at::kDouble));
+        }
+      }
       Tensor offsets;
       if (unbiased) {
-        offsets =
-            affine_offsets(row_sums - sq_norms, nd * nd * mean_sq - sq_norms.sum().item<double>(),
-                           nd, math::unbiased_offset);
+        // Row sums without the diagonal, which the U-centred Gram zeroes.
+        const Tensor off_diagonal = row_sums - gram.diagonal().to(at::kDouble);
+        offsets = affine_offsets(off_diagonal, off_diagonal.sum().item<double>(), nd,
+                                 math::unbiased_offset);
       } else {
-        offsets = affine_offsets(row_sums, nd * nd * mean_sq, nd, math::biased_offset);
+        offsets = affine_offsets(row_sums, row_sums.sum().item<double>(), nd, math::biased_offset);
       }
+      const Tensor no_norms = at::empty({0}, opts64);
       for (const Block& b : bands.blocks) {
         Tensor values = view2d(store.narrow(0, b.offset, b.ti * b.tj), b.ti, b.tj);
-        kernels.centre_tile(gram.narrow(0, b.i0, b.ti).narrow(1, b.j0, b.tj), false,
-                            sq_norms.narrow(0, b.i0, b.ti), sq_norms.narrow(0, b.j0, b.tj), 0.0,
-                            offsets.narrow(0, b.i0, b.ti), offsets.narrow(0, b.j0, b.tj),
-                            b.i0 - b.j0, unbiased, values);
+        kernels.centre_tile(gram.narrow(0, b.i0, b.ti).narrow(1, b.j0, b.tj), false, no_norms,
+                            no_norms, 0.0, offsets.narrow(0, b.i0, b.ti),
+                            offsets.narrow(0, b.j0, b.tj), b.i0 - b.j0, unbiased, values);
       }
     });
     for (int64_t l = 0; l < n_layers; ++l) {

@@ -43,15 +43,16 @@ struct Kernels {
                       const at::Tensor& sq_cols, double gamma, const at::Tensor& offsets_rows,
                       const at::Tensor& offsets_cols, int64_t diagonal_shift, bool unbiased,
                       at::Tensor& out64);
-  // store (area,) = the centred values of every block of the upper triangle of a shifted
-  // layer's Gram, each written row-major from block.offset on, in the Gram's dtype (each value
-  // formed in float64, then rounded). gram (n, n + 1) holds
-  // the blocks' dot products and, in column n, x_i . m with m the mean row; sq_norms (n,)
-  // float64 = |x_i|^2 and mean_sq = |m|^2. The centring offsets follow from these (cka_math.h);
-  // the unbiased estimator zeroes the Gram's diagonal. Optional (nullptr): the engine then
-  // computes the offsets with ATen and calls centre_tile per block, into a float64 store.
-  void (*centre_blocks)(const at::Tensor& gram, const at::Tensor& sq_norms, double mean_sq,
-                        bool unbiased, const std::vector<Block>& blocks, at::Tensor& store);
+  // store (area,) = the centred values of every block of the upper triangle of a layer's
+  // Gram, each written row-major from block.offset on, in the Gram's dtype (each value formed
+  // in float64, then rounded). gram (n, n) holds the blocks' dot products; blocks are those of
+  // the whole-layer schedule: square blocks on the diagonal and blocks right of them, which
+  // together cover the upper triangle once. The Gram's row sums, and from them the centring
+  // offsets (cka_math.h), come from the blocks; the unbiased estimator zeroes the diagonal.
+  // Optional (nullptr): the engine then computes the offsets with ATen and calls centre_tile
+  // per block, into a float64 store.
+  void (*centre_blocks)(const at::Tensor& gram, bool unbiased, const std::vector<Block>& blocks,
+                        at::Tensor& store);
   // acc (m, m) float64 += weight * stores stores^T, for stores (m, k) with unit column stride:
   // the HSIC sums of m layers over k stored Gram entries. Stores are float64, or float32 where
   // centre_blocks writes them; products and sums are float64 either way.

@@ -171,6 +171,18 @@ def test_extreme_float32_scales_are_rescaled(unbiased, scale):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("n", [4, 100, 383, 384, 700, 1000, 3000, 4096, 50_000])
+def test_default_tile_is_about_512_rows_in_multiples_of_64(n):
+    from critlayers.functional import default_tile
+
+    tile = default_tile(n)
+    assert 1 <= tile <= min(n, 640)
+    if 128 <= tile < n:
+        assert tile % 64 == 0
+    if n >= 384:
+        assert tile < n
+
+
 @pytest.mark.parametrize("unbiased", ESTIMATORS)
 def test_whole_layer_and_tile_schedules_agree_with_reference(unbiased):
     # 2 layers at n = 3000 exceed the whole-layer schedule's 64 MiB store, so the tile-outer
@@ -185,33 +197,32 @@ def test_whole_layer_and_tile_schedules_agree_with_reference(unbiased):
 @pytest.fixture
 def product_backend():
     """Restores the default rule for the CPU Gram products after a test changes it."""
-    engine = _ext.load()
-    yield engine
-    engine.set_cpu_product_backend("auto")
+    yield
+    cl.set_cpu_product_backend("auto")
 
 
 def test_cpu_gram_product_backend_follows_its_rule(product_backend):
     # The oneDNN linear op is looked up by name and argument types at run time; a torch whose
     # op changed must fall back to torch's BLAS rather than fail.
-    has_onednn = product_backend.cpu_has_onednn()
+    has_onednn = _ext.load().cpu_has_onednn()
     assert has_onednn == torch.backends.mkldnn.is_available()
     # Long rows go to oneDNN wherever torch has it (the rule's other inputs only add oneDNN).
-    assert product_backend.cpu_product_backend(4096) == ("onednn" if has_onednn else "blas")
-    product_backend.set_cpu_product_backend("blas")
-    assert product_backend.cpu_product_backend(4096) == "blas"
+    assert cl.cpu_product_backend(4096) == ("onednn" if has_onednn else "blas")
+    cl.set_cpu_product_backend("blas")
+    assert cl.cpu_product_backend(4096) == "blas"
     if has_onednn:
-        product_backend.set_cpu_product_backend("onednn")
-        assert product_backend.cpu_product_backend(64) == "onednn"
+        cl.set_cpu_product_backend("onednn")
+        assert cl.cpu_product_backend(64) == "onednn"
     with pytest.raises(ValueError, match="'mkl'"):
-        product_backend.set_cpu_product_backend("mkl")
+        cl.set_cpu_product_backend("mkl")
 
 
 @pytest.mark.parametrize("unbiased", [False, True])
 def test_both_cpu_product_backends_agree_with_reference(product_backend, unbiased):
     feats = make_layers(3, 200, 48, seed=11)
     expected = ref.cka_matrix(reference_inputs(feats), unbiased=unbiased)
-    for name in ["blas", "onednn"] if product_backend.cpu_has_onednn() else ["blas"]:
-        product_backend.set_cpu_product_backend(name)
+    for name in ["blas", "onednn"] if _ext.load().cpu_has_onednn() else ["blas"]:
+        cl.set_cpu_product_backend(name)
         got = cl.cka_matrix(feats, unbiased=unbiased, method="gram")
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 

@@ -60,10 +60,10 @@ const std::optional<c10::OperatorHandle>& onednn_linear() {
 }
 
 // Where float32 Gram products go: torch's BLAS (at::mm_out, MKL in torch's x86 builds) or
-// oneDNN. Measured on the Intel Xeon of BENCHMARKS.md, on the engine's bands of about 128
-// rows, MKL runs faster for rows of up to about a thousand features and oneDNN for longer rows
-// (d >= 2048: 10-25 % faster); on other x86 CPUs MKL does not take its fastest paths, and
-// oneDNN was faster at every width measured.
+// oneDNN. On the Intel Xeon of BENCHMARKS.md, on the engine's bands of about 128 rows, MKL ran
+// faster for rows of up to about a thousand features and oneDNN for longer rows (d >= 2048:
+// 10-25 % faster). MKL does not take its fastest paths on other vendors' CPUs; on an AMD EPYC,
+// oneDNN ran these products 10-20 % faster than MKL at both d = 640 and d = 4096.
 constexpr int64_t kOnednnMinWidthOnIntel = 2048;
 
 bool intel_cpu() {
@@ -367,28 +367,76 @@ void centre_tile_cpu(const Tensor& gram, bool rbf, const Tensor& sq_rows, const 
   });
 }
 
-// centre_blocks: the offsets first, from the Gram's extra column (cka_math.h), then each task
-// owns whole blocks and writes them row by row, so the store is written once, sequentially.
-// Each value is formed in float64 and rounded to the store's type, the Gram's.
+// Adds the row sums of one block of a Gram (rows x cols, row stride g_row_stride) to
+// row_sums, and with kColumns its column sums to col_sums; float64 sums over eight lanes.
+template <bool kColumns, typename scalar_t>
+void add_block_sums(const scalar_t* g, int64_t g_row_stride, int64_t rows, int64_t cols,
+                    double* __restrict__ row_sums, double* __restrict__ col_sums) {
+  constexpr int64_t kLanes = 8;
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* __restrict__ g_row = g + r * g_row_stride;
+    double lanes[kLanes] = {};
+    int64_t c = 0;
+    for (; c + kLanes <= cols; c += kLanes) {
+      for (int64_t k = 0; k < kLanes; ++k) {
+        const double v = static_cast<double>(g_row[c + k]);
+        lanes[k] += v;
+        if constexpr (kColumns) {
+          col_sums[c + k] += v;
+        }
+      }
+    }
+    double total = 0.0;
+    for (; c < cols; ++c) {
+      const double v = static_cast<double>(g_row[c]);
+      total += v;
+      if constexpr (kColumns) {
+        col_sums[c] += v;
+      }
+    }
+    for (int64_t k = 0; k < kLanes; ++k) {
+      total += lanes[k];
+    }
+    row_sums[r] += total;
+  }
+}
+
+// centre_blocks: first the row sums of the symmetric Gram from the blocks of its upper
+// triangle (a diagonal block by rows; a block right of the diagonal by rows, and by columns for
+// the mirrored lower triangle), and from them the offsets (cka_math.h); then each task owns
+// whole blocks and writes them row by row, so the store is written once, sequentially. Each
+// value is formed in float64 and rounded to the store's type, the Gram's.
 template <typename scalar_t>
-void centre_blocks_loop(const Tensor& gram, const Tensor& sq_norms, double mean_sq, bool unbiased,
-                        const std::vector<Block>& blocks, Tensor& store) {
+void centre_blocks_loop(const Tensor& gram, bool unbiased, const std::vector<Block>& blocks,
+                        Tensor& store) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = gram.size(0);
   const double nd = static_cast<double>(n);
   const scalar_t* g = gram.data_ptr<scalar_t>();
   const int64_t row_stride = gram.stride(0);
-  const double* q = sq_norms.data_ptr<double>();
-  // Row sums r_i = n x_i . m and their total n^2 |m|^2; without the diagonal (unbiased),
-  // r_i - |x_i|^2 and the total less sum_i |x_i|^2.
-  std::vector<double> offsets(n);
-  double total = nd * nd * mean_sq;
-  for (int64_t i = 0; i < n; ++i) {
-    offsets[i] = nd * static_cast<double>(g[i * row_stride + n]);
-    if (unbiased) {
-      offsets[i] -= q[i];
-      total -= q[i];
+  std::vector<double> offsets(n, 0.0);
+  std::vector<double> col_sums;
+  for (const Block& block : blocks) {
+    const scalar_t* g_block = g + block.i0 * row_stride + block.j0;
+    if (block.j0 == block.i0) {
+      add_block_sums<false>(g_block, row_stride, block.ti, block.tj, offsets.data() + block.i0,
+                            nullptr);
+    } else {
+      col_sums.assign(block.tj, 0.0);
+      add_block_sums<true>(g_block, row_stride, block.ti, block.tj, offsets.data() + block.i0,
+                           col_sums.data());
+      for (int64_t c = 0; c < block.tj; ++c) {
+        offsets[block.j0 + c] += col_sums[c];
+      }
     }
+  }
+  // The U-centred Gram zeroes the diagonal: its row sums leave it out.
+  double total = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (unbiased) {
+      offsets[i] -= static_cast<double>(g[i * row_stride + i]);
+    }
+    total += offsets[i];
   }
   for (int64_t i = 0; i < n; ++i) {
     offsets[i] = unbiased ? math::unbiased_offset(offsets[i], total, nd)
@@ -419,14 +467,12 @@ void centre_blocks_loop(const Tensor& gram, const Tensor& sq_norms, double mean_
   });
 }
 
-void centre_blocks_cpu(const Tensor& gram, const Tensor& sq_norms, double mean_sq, bool unbiased,
-                       const std::vector<Block>& blocks, Tensor& store) {
-  TORCH_INTERNAL_ASSERT(gram.stride(1) == 1 && gram.size(1) == gram.size(0) + 1 &&
-                        sq_norms.is_contiguous() && store.is_contiguous() &&
-                        store.scalar_type() == gram.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "centre_blocks", [&] {
-    centre_blocks_loop<scalar_t>(gram, sq_norms, mean_sq, unbiased, blocks, store);
-  });
+void centre_blocks_cpu(const Tensor& gram, bool unbiased, const std::vector<Block>& blocks,
+                       Tensor& store) {
+  TORCH_INTERNAL_ASSERT(gram.stride(1) == 1 && gram.size(1) == gram.size(0) &&
+                        store.is_contiguous() && store.scalar_type() == gram.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "centre_blocks",
+                             [&] { centre_blocks_loop<scalar_t>(gram, unbiased, blocks, store); });
 }
 
 // store_products: acc += weight * S S^T for S (m, k) float32 or float64, m small (layers) and
