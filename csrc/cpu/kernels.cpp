@@ -279,10 +279,73 @@ void centre_rows_loop(const Tensor& x, int64_t row0, int64_t rows, const Tensor&
   });
 }
 
+// Whether every value of mean (float64) is a float32 number, as a shift by a float32 row is.
+bool float32_valued(const Tensor& mean) {
+  const double* m = mean.data_ptr<double>();
+  for (int64_t c = 0; c < mean.numel(); ++c) {
+    if (static_cast<double>(static_cast<float>(m[c])) != m[c]) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// centre_rows for float32 rows shifted by float32 values, unscaled and without column sums:
+// out = x - shift in float32, which rounds the exact difference once (the float64 path rounds
+// it to float64 first, then to float32: the same value except in rare ties), and the squared
+// norms in float64 over eight lanes. Each task owns a contiguous range of rows.
+void shift_rows_f32(const Tensor& x, int64_t row0, int64_t rows, const Tensor& shift, Tensor& out,
+                    Tensor& sq_norms) {
+  const int64_t d = x.size(1);
+  std::vector<float> shift32(d);
+  const double* shift_data = shift.data_ptr<double>();
+  for (int64_t c = 0; c < d; ++c) {
+    shift32[c] = static_cast<float>(shift_data[c]);
+  }
+  const float* x_data = x.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  double* sq_data = sq_norms.data_ptr<double>();
+  const int64_t sq_stride = sq_norms.stride(0);
+  const int64_t x_row_stride = x.stride(0);
+  const int64_t out_row_stride = out.stride(0);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    constexpr int64_t kLanes = 8;
+    const float* __restrict__ s = shift32.data();
+    for (int64_t r = begin; r < end; ++r) {
+      const float* __restrict__ src = x_data + (row0 + r) * x_row_stride;
+      float* __restrict__ dst = out_data + r * out_row_stride;
+      double lanes[kLanes] = {};
+      int64_t c = 0;
+      for (; c + kLanes <= d; c += kLanes) {
+        for (int64_t k = 0; k < kLanes; ++k) {
+          const float v = src[c + k] - s[c + k];
+          dst[c + k] = v;
+          lanes[k] += static_cast<double>(v) * static_cast<double>(v);
+        }
+      }
+      double total = 0.0;
+      for (; c < d; ++c) {
+        const float v = src[c] - s[c];
+        dst[c] = v;
+        total += static_cast<double>(v) * static_cast<double>(v);
+      }
+      for (int64_t k = 0; k < kLanes; ++k) {
+        total += lanes[k];
+      }
+      sq_data[r * sq_stride] = total;
+    }
+  });
+}
+
 void centre_rows_cpu(const Tensor& x, int64_t row0, int64_t rows, const Tensor& mean,
                      double inv_scale, Tensor& out, Tensor& sq_norms, const Tensor& col_sums) {
   TORCH_INTERNAL_ASSERT(out.stride(1) == 1 && mean.is_contiguous());
   TORCH_INTERNAL_ASSERT(!col_sums.defined() || col_sums.is_contiguous());
+  if (x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && x.stride(1) == 1 &&
+      inv_scale == 1.0 && !col_sums.defined() && float32_valued(mean)) {
+    shift_rows_f32(x, row0, rows, mean, out, sq_norms);
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "centre_rows", [&] {
     if (out.scalar_type() == at::kDouble) {
       centre_rows_loop<scalar_t, double>(x, row0, rows, mean, inv_scale, out, sq_norms, col_sums);
