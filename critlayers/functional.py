@@ -15,11 +15,11 @@ Two HSIC estimators are offered:
 
 The engine never forms a centring matrix or keeps an uncentred Gram. For the linear kernel,
 while the centred upper triangles of all layers fit in 64 MiB, each layer is read once: its rows
-are shifted by the first row in float64 (the centred Gram is shift-invariant) while their column
-sums are taken, and one matrix product per band of rows forms the band's part of the Gram's
-upper triangle together with the rows' dot products with the mean row, which give the centring
-offsets; each block is centred as it is read into a float64 store, and the HSIC of all pairs
-comes from float64 dot products over the stores. Otherwise (larger n, or the RBF kernel) it
+are shifted by the first row (the centred Gram is shift-invariant), one matrix product per band
+of rows forms the band's part of the Gram's upper triangle, the Gram's row sums (and from them
+the centring offsets) are read off these blocks, and each block is centred into a store of
+float32 values (float64 for float64 input); the HSIC of all pairs comes from float64 products
+and sums over the stores. Otherwise (larger n, or the RBF kernel) it
 walks the upper triangle of (tile x tile) blocks of the example index: per block it centres the
 rows of each layer, forms that block of every layer's Gram with one matrix product, centres it
 in the same pass, and adds the block's contribution to all pairwise HSIC sums at once, in

@@ -55,7 +55,7 @@ struct Kernels {
                         at::Tensor& store);
   // acc (m, m) float64 += weight * stores stores^T, for stores (m, k) with unit column stride:
   // the HSIC sums of m layers over k stored Gram entries. Stores are float64, or float32 where
-  // centre_blocks writes them; products and sums are float64 either way.
+  // compact_stores; products and sums are float64 either way.
   void (*store_products)(const at::Tensor& stores, double weight, at::Tensor& acc);
   // Whether centre_tile, centre_blocks and store_products take stores in the compute type
   // (float32 for float32 Grams), which halves the memory the HSIC products stream through;

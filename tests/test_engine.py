@@ -5,6 +5,9 @@ Grams, textbook centring, float64), over the devices and dtypes of ``critlayers.
 """
 
 import math
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -215,6 +218,23 @@ def test_cpu_gram_product_backend_follows_its_rule(product_backend):
         assert cl.cpu_product_backend(64) == "onednn"
     with pytest.raises(ValueError, match="'mkl'"):
         cl.set_cpu_product_backend("mkl")
+
+
+@pytest.mark.parametrize("value, expected", [("blas", "blas"), ("bogus", "ValueError")])
+def test_cpu_gram_product_backend_from_the_environment(value, expected):
+    code = ("import critlayers as cl\n"
+            "try:\n"
+            "    print(cl.cpu_product_backend(4096))\n"
+            "except ValueError as err:\n"
+            "    print('ValueError', err)\n")
+    env = {**os.environ, "CRITLAYERS_CPU_GEMM": value}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.strip()
+    assert out.startswith(expected)
+    if expected == "ValueError":
+        assert "CRITLAYERS_CPU_GEMM" in out and "'bogus'" in out
 
 
 @pytest.mark.parametrize("unbiased", [False, True])
