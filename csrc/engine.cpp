@@ -240,7 +240,7 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
       Tensor shift = feat[0].to(at::kDouble).contiguous();
       {
         RECORD_FUNCTION("critlayers::shift_rows", std::vector<c10::IValue>());
-        kernels.centre_rows(feat, 0, n, shift, 1.0, x, sq_norms, Tensor());
+        kernels.centre_rows(feat, 0, n, shift, 1.0, x, sq_norms);
       }
       const double largest = sq_norms.max().item<double>();
       if (!std::isfinite(largest)) {
@@ -252,7 +252,7 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
         // Rows far from unit norm: scaled to unit largest norm, so that float32 products
         // neither overflow nor lose digits to subnormals.
         scales[l] = std::sqrt(largest);
-        kernels.centre_rows(feat, 0, n, shift, 1.0 / scales[l], x, sq_norms, Tensor());
+        kernels.centre_rows(feat, 0, n, shift, 1.0 / scales[l], x, sq_norms);
       }
       Tensor gram = view2d(gram_buf.narrow(0, worker * n * n, n * n), n, n);
       {
@@ -342,7 +342,7 @@ void gram_hsic_accumulate(const Kernels& kernels, const Tensor& out, at::TensorL
     RECORD_FUNCTION("critlayers::centre_rows", std::vector<c10::IValue>());
     LayerPrep& p = prep[l];
     Tensor sq = p.sq_norms.narrow(0, r0, rows);
-    kernels.centre_rows(feats[l], r0, rows, p.mean, 1.0 / scales[l], out, sq, Tensor());
+    kernels.centre_rows(feats[l], r0, rows, p.mean, 1.0 / scales[l], out, sq);
     if (offsets_from_rows) {
       p.offsets.narrow(0, r0, rows).copy_(sq).mul_(p.offset_slope).add_(p.offset_intercept);
     }
@@ -543,7 +543,7 @@ void feature_moments_accumulate(const Kernels& kernels, at::TensorList feats, at
     for (int64_t l = 0; l < n_layers; ++l) {
       centred[l] = at::empty({rows, feats[l].size(1)}, opts);
       Tensor q64 = q_all[l];
-      kernels.centre_rows(feats[l], r0, rows, shifts[l], 1.0, centred[l], q64, Tensor());
+      kernels.centre_rows(feats[l], r0, rows, shifts[l], 1.0, centred[l], q64);
       sq[l] = q64.to(cdt);
       const double chunk_total = q64.sum().item<double>();
       TORCH_CHECK_VALUE(std::isfinite(chunk_total), "feats[", l, "] (layer ", l,

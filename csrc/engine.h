@@ -27,12 +27,10 @@ struct Kernels {
   // Shifting by a row keeps the variance free of cancellation when the mean is large.
   void (*column_moments)(const at::Tensor& x, at::Tensor& sums, at::Tensor& sum_squares);
   // out (rows, d) = (x[row0 : row0 + rows] - mean) * inv_scale, in out's dtype, and
-  // sq_norms (rows,) float64 = the squared norms of the rows as stored in out; when col_sums
-  // (d,) float64 is defined, it receives the column sums of out.
+  // sq_norms (rows,) float64 = the squared norms of the rows as stored in out.
   // x: (n, d), any float dtype and strides; mean: (d,) float64.
   void (*centre_rows)(const at::Tensor& x, int64_t row0, int64_t rows, const at::Tensor& mean,
-                      double inv_scale, at::Tensor& out, at::Tensor& sq_norms,
-                      const at::Tensor& col_sums);
+                      double inv_scale, at::Tensor& out, at::Tensor& sq_norms);
   // out64 (ti, tj) = centred kernel values of one tile of the Gram, float64 (or, where
   // compact_stores, the Gram's dtype: each value formed in float64, then rounded).
   // gram: (ti, tj) dot products of centred rows; for the RBF kernel sq_rows (ti,) and

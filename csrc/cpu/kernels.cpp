@@ -17,9 +17,9 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../cka_math.h"
@@ -190,32 +190,39 @@ void column_moments_cpu(const Tensor& x, Tensor& sums, Tensor& sum_squares) {
                                   [&] { column_moments_loop<scalar_t>(x, sums, sum_squares); });
 }
 
-// One unit-stride row of centre_rows: dst = (src - mean) * inv_scale, col += dst when
-// kSums, and the squared norm of dst returned. The pointers do not alias, so the loop
-// vectorises; the squares go to eight independent float64 lanes.
-template <typename scalar_t, typename acc_t, bool kSums>
-double centre_row(const scalar_t* __restrict__ src, const double* __restrict__ mean,
-                  double inv_scale, acc_t* __restrict__ dst, double* __restrict__ col, int64_t d) {
+// One feature of centre_rows. A float64 shift follows cka_math.h: (x - shift) * inv_scale in
+// float64, rounded to acc_t. A float32 shift of float32 rows (unscaled) subtracts in float32,
+// which rounds the exact difference once; the float64 form rounds it twice (to float64, then to
+// float32), the same value except in rare ties, at twice the vector width.
+template <typename acc_t, typename scalar_t, typename shift_t>
+inline acc_t shifted_feature(scalar_t x, shift_t shift, double inv_scale) {
+  if constexpr (std::is_same_v<shift_t, float>) {
+    return x - shift;
+  } else {
+    return math::centred_feature<acc_t>(x, shift, inv_scale);
+  }
+}
+
+// One unit-stride row of centre_rows: dst = the shifted features of src, and the squared norm of
+// dst returned. The pointers do not alias, so the loop vectorises; the squares go to eight
+// independent float64 lanes.
+template <typename scalar_t, typename acc_t, typename shift_t>
+double centre_row(const scalar_t* __restrict__ src, const shift_t* __restrict__ shift,
+                  double inv_scale, acc_t* __restrict__ dst, int64_t d) {
   constexpr int64_t kLanes = 8;
   double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t c = 0;
   for (; c + kLanes <= d; c += kLanes) {
     for (int64_t k = 0; k < kLanes; ++k) {
-      const acc_t v = math::centred_feature<acc_t>(src[c + k], mean[c + k], inv_scale);
+      const acc_t v = shifted_feature<acc_t>(src[c + k], shift[c + k], inv_scale);
       dst[c + k] = v;
       lanes[k] += static_cast<double>(v) * static_cast<double>(v);
-      if constexpr (kSums) {
-        col[c + k] += static_cast<double>(v);
-      }
     }
   }
   for (; c < d; ++c) {
-    const acc_t v = math::centred_feature<acc_t>(src[c], mean[c], inv_scale);
+    const acc_t v = shifted_feature<acc_t>(src[c], shift[c], inv_scale);
     dst[c] = v;
     lanes[0] += static_cast<double>(v) * static_cast<double>(v);
-    if constexpr (kSums) {
-      col[c] += static_cast<double>(v);
-    }
   }
   double total = 0.0;
   for (int64_t k = 0; k < kLanes; ++k) {
@@ -224,15 +231,12 @@ double centre_row(const scalar_t* __restrict__ src, const double* __restrict__ m
   return total;
 }
 
-// centre_rows: out[r, c] = (x[row0 + r, c] - mean[c]) * inv_scale, sq_norms[r] = sum_c out^2,
-// and optionally col_sums[c] = sum_r out[r, c]. Each task owns a contiguous range of rows; the
-// shift in float64, the stored value in acc_t, squares and sums in float64. Column sums go to
-// a per-task vector, added to col_sums under a lock when the task ends.
-template <typename scalar_t, typename acc_t>
-void centre_rows_loop(const Tensor& x, int64_t row0, int64_t rows, const Tensor& mean,
-                      double inv_scale, Tensor& out, Tensor& sq_norms, const Tensor& col_sums) {
+// centre_rows: out[r, c] = (x[row0 + r, c] - shift[c]) * inv_scale, sq_norms[r] = sum_c out^2.
+// Each task owns a contiguous range of rows; the stored value in acc_t, squares in float64.
+template <typename scalar_t, typename acc_t, typename shift_t>
+void centre_rows_loop(const Tensor& x, int64_t row0, int64_t rows, const shift_t* shift,
+                      double inv_scale, Tensor& out, Tensor& sq_norms) {
   const scalar_t* x_data = x.data_ptr<scalar_t>();
-  const double* mean_data = mean.data_ptr<double>();
   acc_t* out_data = out.data_ptr<acc_t>();
   double* sq_data = sq_norms.data_ptr<double>();
   const int64_t sq_stride = sq_norms.stride(0);
@@ -240,117 +244,55 @@ void centre_rows_loop(const Tensor& x, int64_t row0, int64_t rows, const Tensor&
   const int64_t x_row_stride = x.stride(0);
   const int64_t x_col_stride = x.stride(1);
   const int64_t out_row_stride = out.stride(0);
-  const bool with_sums = col_sums.defined();
-  std::mutex sums_lock;
-  if (with_sums) {
-    col_sums.zero_();
-  }
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    std::vector<double> sums(with_sums ? d : 0, 0.0);
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* src = x_data + (row0 + r) * x_row_stride;
       acc_t* dst = out_data + r * out_row_stride;
       double total = 0.0;
       if (x_col_stride == 1) {
-        total =
-            with_sums
-                ? centre_row<scalar_t, acc_t, true>(src, mean_data, inv_scale, dst, sums.data(), d)
-                : centre_row<scalar_t, acc_t, false>(src, mean_data, inv_scale, dst, nullptr, d);
+        total = centre_row(src, shift, inv_scale, dst, d);
       } else {
         for (int64_t c = 0; c < d; ++c) {
-          const acc_t v =
-              math::centred_feature<acc_t>(src[c * x_col_stride], mean_data[c], inv_scale);
+          const acc_t v = shifted_feature<acc_t>(src[c * x_col_stride], shift[c], inv_scale);
           dst[c] = v;
           total += static_cast<double>(v) * static_cast<double>(v);
-          if (with_sums) {
-            sums[c] += static_cast<double>(v);
-          }
         }
       }
       sq_data[r * sq_stride] = total;
     }
-    if (with_sums) {
-      const std::lock_guard<std::mutex> guard(sums_lock);
-      double* all = col_sums.data_ptr<double>();
-      for (int64_t c = 0; c < d; ++c) {
-        all[c] += sums[c];
-      }
-    }
   });
 }
 
-// Whether every value of mean (float64) is a float32 number, as a shift by a float32 row is.
-bool float32_valued(const Tensor& mean) {
+// The float32 copy of mean when every value is a float32 number (a shift by a float32 row);
+// otherwise empty.
+std::vector<float> float32_shift(const Tensor& mean) {
   const double* m = mean.data_ptr<double>();
+  std::vector<float> shift(mean.numel());
   for (int64_t c = 0; c < mean.numel(); ++c) {
-    if (static_cast<double>(static_cast<float>(m[c])) != m[c]) {
-      return false;
+    shift[c] = static_cast<float>(m[c]);
+    if (static_cast<double>(shift[c]) != m[c]) {
+      return {};
     }
   }
-  return true;
-}
-
-// centre_rows for float32 rows shifted by float32 values, unscaled and without column sums:
-// out = x - shift in float32, which rounds the exact difference once (the float64 path rounds
-// it to float64 first, then to float32: the same value except in rare ties), and the squared
-// norms in float64 over eight lanes. Each task owns a contiguous range of rows.
-void shift_rows_f32(const Tensor& x, int64_t row0, int64_t rows, const Tensor& shift, Tensor& out,
-                    Tensor& sq_norms) {
-  const int64_t d = x.size(1);
-  std::vector<float> shift32(d);
-  const double* shift_data = shift.data_ptr<double>();
-  for (int64_t c = 0; c < d; ++c) {
-    shift32[c] = static_cast<float>(shift_data[c]);
-  }
-  const float* x_data = x.data_ptr<float>();
-  float* out_data = out.data_ptr<float>();
-  double* sq_data = sq_norms.data_ptr<double>();
-  const int64_t sq_stride = sq_norms.stride(0);
-  const int64_t x_row_stride = x.stride(0);
-  const int64_t out_row_stride = out.stride(0);
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    constexpr int64_t kLanes = 8;
-    const float* __restrict__ s = shift32.data();
-    for (int64_t r = begin; r < end; ++r) {
-      const float* __restrict__ src = x_data + (row0 + r) * x_row_stride;
-      float* __restrict__ dst = out_data + r * out_row_stride;
-      double lanes[kLanes] = {};
-      int64_t c = 0;
-      for (; c + kLanes <= d; c += kLanes) {
-        for (int64_t k = 0; k < kLanes; ++k) {
-          const float v = src[c + k] - s[c + k];
-          dst[c + k] = v;
-          lanes[k] += static_cast<double>(v) * static_cast<double>(v);
-        }
-      }
-      double total = 0.0;
-      for (; c < d; ++c) {
-        const float v = src[c] - s[c];
-        dst[c] = v;
-        total += static_cast<double>(v) * static_cast<double>(v);
-      }
-      for (int64_t k = 0; k < kLanes; ++k) {
-        total += lanes[k];
-      }
-      sq_data[r * sq_stride] = total;
-    }
-  });
+  return shift;
 }
 
 void centre_rows_cpu(const Tensor& x, int64_t row0, int64_t rows, const Tensor& mean,
-                     double inv_scale, Tensor& out, Tensor& sq_norms, const Tensor& col_sums) {
+                     double inv_scale, Tensor& out, Tensor& sq_norms) {
   TORCH_INTERNAL_ASSERT(out.stride(1) == 1 && mean.is_contiguous());
-  TORCH_INTERNAL_ASSERT(!col_sums.defined() || col_sums.is_contiguous());
-  if (x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && x.stride(1) == 1 &&
-      inv_scale == 1.0 && !col_sums.defined() && float32_valued(mean)) {
-    shift_rows_f32(x, row0, rows, mean, out, sq_norms);
-    return;
+  if (x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && inv_scale == 1.0) {
+    const std::vector<float> shift = float32_shift(mean);
+    if (static_cast<int64_t>(shift.size()) == mean.numel()) {
+      centre_rows_loop<float, float>(x, row0, rows, shift.data(), inv_scale, out, sq_norms);
+      return;
+    }
   }
+  const double* shift = mean.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "centre_rows", [&] {
     if (out.scalar_type() == at::kDouble) {
-      centre_rows_loop<scalar_t, double>(x, row0, rows, mean, inv_scale, out, sq_norms, col_sums);
+      centre_rows_loop<scalar_t, double>(x, row0, rows, shift, inv_scale, out, sq_norms);
     } else {
-      centre_rows_loop<scalar_t, float>(x, row0, rows, mean, inv_scale, out, sq_norms, col_sums);
+      centre_rows_loop<scalar_t, float>(x, row0, rows, shift, inv_scale, out, sq_norms);
     }
   });
 }

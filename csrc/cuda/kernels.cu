@@ -95,15 +95,12 @@ __global__ void __launch_bounds__(kRowThreads)
 }
 
 void centre_rows_cuda(const Tensor& x, int64_t row0, int64_t rows, const Tensor& mean,
-                      double inv_scale, Tensor& out, Tensor& sq_norms, const Tensor& col_sums) {
+                      double inv_scale, Tensor& out, Tensor& sq_norms) {
   TORCH_INTERNAL_ASSERT(out.stride(1) == 1 && mean.is_contiguous());
   TORCH_INTERNAL_ASSERT(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble);
   TORCH_INTERNAL_ASSERT(sq_norms.scalar_type() == at::kDouble && sq_norms.dim() == 1 &&
                         sq_norms.size(0) == rows);
   if (rows == 0) {
-    if (col_sums.defined()) {
-      col_sums.zero_();
-    }
     return;
   }
   const int64_t d = x.size(1);
@@ -124,10 +121,6 @@ void centre_rows_cuda(const Tensor& x, int64_t row0, int64_t rows, const Tensor&
       launch(out.data_ptr<float>());
     }
   });
-  if (col_sums.defined()) {
-    // A column reduction of the stored rows: ATen's reduction runs it at memory bandwidth.
-    col_sums.copy_(out.narrow(0, 0, rows).sum(0, false, at::kDouble));
-  }
 }
 
 // centre_tile: out64[r, c] = centred kernel value of Gram entry (r, c) of one tile.
